@@ -1,0 +1,44 @@
+# The contract for setting up, generating, running and testing the facade.
+# Every target works from a fresh clone: the first one run creates .venv.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROTO  := proto/flexwebchat/v1/webchat.proto
+
+.PHONY: run test lint proto bench system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# Debian packages the tests use (real Redis). Installs only what is missing.
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; \
+	  else echo "redis-server is missing: run 'sudo apt-get install redis-server'" >&2; exit 1; fi; }
+
+# Regenerates the committed Python code from the proto (messages, gRPC stubs, .pyi).
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iproto \
+	  --python_out=generated --grpc_python_out=generated --pyi_out=generated $(PROTO)
+
+# Runs the facade. Without Twilio credentials it runs against the bundled emulator, and says so.
+run: $(STAMP)
+	$(BIN)/python -m emulator.devrun
+
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check service emulator tests bench
+	$(BIN)/ruff format --check service emulator tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP) system-deps
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,193 @@
+"""A local stand-in for Twilio Flex ``POST /v2/WebChats``, as a real HTTP server.
+
+It checks HTTP Basic credentials, parses the form, enforces the 16 KB pre-engagement limit and the
+5 requests/second account limit (429), answers 201 with a fresh ``CH…`` SID and identity, and
+answers errors in Twilio's shape. Tests steer it over HTTP:
+
+* ``GET  /__emulator/requests``  every request received: time, headers, form, answered status
+* ``POST /__emulator/faults``    ``{"faults": [...], "latency": s}``: each fault answers one coming
+  request, in order: ``{"status": 503, "code": 20503, "message": "...", "retry_after": "1",
+  "latency": 0.5, "body": "raw text", "drop": true}`` (drop closes the connection unanswered)
+* ``POST /__emulator/reset``     forget requests and faults, refill the rate limit
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+ACCOUNT_SID = "AC" + "0" * 32
+AUTH_TOKEN = "emulator-auth-token"  # noqa: S105 - the emulator's own, public, dev credentials
+API_KEY = "SK" + "0" * 32
+API_SECRET = "emulator-api-secret"  # noqa: S105
+ADDRESS_SID = re.compile(r"IG[0-9a-fA-F]{32}")
+MAX_PRE_ENGAGEMENT_BYTES = 16 * 1024
+
+
+@dataclass
+class TokenBucket:
+    rate: float
+    capacity: float
+    tokens: float = 0.0
+    updated: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.tokens = self.capacity
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+@dataclass
+class Emulator:
+    rate_limit: float = 5.0
+    credentials: dict[str, str] = field(
+        default_factory=lambda: {ACCOUNT_SID: AUTH_TOKEN, API_KEY: API_SECRET}
+    )
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    faults: list[dict[str, Any]] = field(default_factory=list)
+    latency: float = 0.0
+    bucket: TokenBucket | None = None
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self.faults.clear()
+        self.latency = 0.0
+        self.bucket = TokenBucket(self.rate_limit, self.rate_limit) if self.rate_limit else None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=1024 * 1024)
+        app.router.add_post("/v2/WebChats", self.create_web_chat)
+        app.router.add_get("/__emulator/requests", self.list_requests)
+        app.router.add_post("/__emulator/faults", self.add_faults)
+        app.router.add_post("/__emulator/reset", self.reset_state)
+        return app
+
+    async def create_web_chat(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        entry: dict[str, Any] = {
+            "time": time.time(),
+            "method": request.method,
+            "path": request.path,
+            "headers": dict(request.headers),
+            "form": {k: v for k, v in form.items() if isinstance(v, str)},
+            "status": None,
+        }
+        self.requests.append(entry)
+        response = await self._answer(request, entry["form"])
+        entry["status"] = response.status if response is not None else "dropped"
+        if response is None:
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response(status=500)  # never written: the connection is gone
+        return response
+
+    async def _answer(self, request: web.Request, form: dict[str, str]) -> web.Response | None:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        if self.faults:
+            fault = self.faults.pop(0)
+            await asyncio.sleep(float(fault.get("latency", 0)))
+            if fault.get("drop"):
+                return None
+            if fault.get("status"):
+                return _fault_response(fault)
+        if not self._authorized(request.headers.get("Authorization", "")):
+            return twilio_error(401, 20003, "Authenticate")
+        if self.bucket is not None and not self.bucket.take():
+            return twilio_error(429, 20429, "Too Many Requests")
+        if request.content_type != "application/x-www-form-urlencoded":
+            return twilio_error(400, 20001, "Content-Type must be application/x-www-form-urlencoded")
+        address_sid = form.get("AddressSid", "")
+        if not address_sid:
+            return twilio_error(400, 20001, "Missing required parameter AddressSid in the post body")
+        if not ADDRESS_SID.fullmatch(address_sid):
+            return twilio_error(400, 20001, "Invalid AddressSid")
+        if len(form.get("PreEngagementData", "").encode()) > MAX_PRE_ENGAGEMENT_BYTES:
+            return twilio_error(400, 45731, "Pre-engagement data exceeds 16 KB")
+        body = {
+            "conversation_sid": "CH" + uuid.uuid4().hex,
+            "identity": form.get("Identity") or str(uuid.uuid4()),
+        }
+        return web.json_response(body, status=201)
+
+    def _authorized(self, header: str) -> bool:
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        expected = self.credentials.get(user)
+        return expected is not None and hmac.compare_digest(expected, password)
+
+    async def list_requests(self, request: web.Request) -> web.Response:
+        return web.json_response(self.requests)
+
+    async def add_faults(self, request: web.Request) -> web.Response:
+        spec = await request.json()
+        self.faults.extend(spec.get("faults", []))
+        if "latency" in spec:
+            self.latency = float(spec["latency"])
+        return web.json_response({"queued": len(self.faults)})
+
+    async def reset_state(self, request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({})
+
+
+def twilio_error(status: int, code: int, message: str) -> web.Response:
+    body = {
+        "code": code,
+        "message": message,
+        "more_info": f"https://www.twilio.com/docs/errors/{code}",
+        "status": status,
+    }
+    return web.json_response(body, status=status)
+
+
+def _fault_response(fault: dict[str, Any]) -> web.Response:
+    status = int(fault["status"])
+    headers = {"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else {}
+    if "body" in fault:
+        return web.Response(status=status, text=str(fault["body"]), headers=headers)
+    if 200 <= status < 300:
+        return web.json_response({}, status=status, headers=headers)
+    code = int(fault.get("code", 0)) or status * 100
+    response = twilio_error(status, code, fault.get("message", "Injected fault"))
+    response.headers.update(headers)
+    return response
+
+
+async def start(
+    host: str = "127.0.0.1", port: int = 0, **options: Any
+) -> tuple[web.AppRunner, int, Emulator]:
+    """Starts an emulator in the running loop; returns (runner, bound port, emulator)."""
+    emulator = Emulator(**options)
+    runner = web.AppRunner(emulator.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server
+    assert server is not None
+    bound = server.sockets[0].getsockname()[1]
+    return runner, int(bound), emulator

@@ -1,0 +1,58 @@
+"""``make run``: the facade against real Twilio when credentials are set, else against the emulator.
+
+Without credentials it starts the emulator on a free loopback port, says so loudly, and runs
+``python -m service`` pointed at it with the emulator's own dev credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from emulator.app import ACCOUNT_SID, AUTH_TOKEN
+
+CREDENTIAL_VARIABLES = (
+    "TWILIO_AUTH_TOKEN",
+    "TWILIO_AUTH_TOKEN_FILE",
+    "TWILIO_API_SECRET",
+    "TWILIO_API_SECRET_FILE",
+)
+
+
+def main() -> int:
+    if any(os.environ.get(name) for name in CREDENTIAL_VARIABLES):
+        os.execv(sys.executable, [sys.executable, "-m", "service"])
+    emulator = subprocess.Popen(
+        [sys.executable, "-m", "emulator"], stdout=subprocess.PIPE, text=True
+    )
+    assert emulator.stdout is not None
+    url = emulator.stdout.readline().strip().rsplit(" ", 1)[-1]
+    banner = (
+        "NO TWILIO CREDENTIALS: running against the local Flex EMULATOR at "
+        f"{url}. No real conversations are created. Set TWILIO_ACCOUNT_SID and "
+        "TWILIO_AUTH_TOKEN (or TWILIO_API_KEY and TWILIO_API_SECRET) to use Twilio."
+    )
+    print("=" * 78 + "\n" + banner + "\n" + "=" * 78, file=sys.stderr, flush=True)
+    env = dict(
+        os.environ,
+        TWILIO_ACCOUNT_SID=ACCOUNT_SID,
+        TWILIO_AUTH_TOKEN=AUTH_TOKEN,
+        FLEX_API_BASE_URL=url,
+        LOG_FORMAT=os.environ.get("LOG_FORMAT", "console"),
+    )
+    facade = subprocess.Popen([sys.executable, "-m", "service"], env=env)
+    signal.signal(signal.SIGTERM, lambda *_: facade.send_signal(signal.SIGTERM))
+    try:
+        code = facade.wait()
+    except KeyboardInterrupt:  # Ctrl-C reaches both children; wait for the facade's drain
+        code = facade.wait()
+    finally:
+        emulator.terminate()
+        emulator.wait()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

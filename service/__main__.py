@@ -1,0 +1,25 @@
+"""``python -m service``: load the settings, run the facade until SIGTERM/SIGINT, exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from service.config import ConfigError, Settings
+from service.observability import configure_logging
+from service.server import serve
+
+
+def main() -> int:
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"flexwebchat: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    asyncio.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The facade's settings: one frozen, validated object built from the environment.
+
+Every secret may also be given as ``NAME_FILE``, a path to a file holding it (how Kubernetes
+mounts Secrets). Secrets are wrapped in :class:`Secret`, whose repr never shows the value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+DEFAULT_HOST = "flex-api.twilio.com"
+
+
+class ConfigError(Exception):
+    """The environment does not describe a runnable facade; the message is one line."""
+
+
+class Secret:
+    """A string that never shows itself in reprs, logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Upstream
+    username: str  # account SID or API key SID: the HTTP Basic user
+    password: Secret  # auth token or API key secret
+    base_url: str
+    ui_version: str = ""
+    attempt_timeout: float = 10.0
+    max_attempts: int = 4
+    retry_ambiguous: bool = False
+    default_deadline: float = 30.0
+    max_deadline: float = 60.0
+    # Account-wide rate limit
+    rate_limit_rps: float = 5.0
+    rate_limit_burst: int = 1
+    # Idempotency records
+    idempotency_ttl: float = 24 * 3600.0
+    idempotency_lock: float = 10.0
+    redis_url: Secret | None = None
+    # Server
+    grpc_host: str = "[::]"
+    grpc_port: int = 50051
+    metrics_port: int = 9464
+    log_level: str = "INFO"
+    log_format: str = "json"
+    shutdown_delay: float = 5.0
+    shutdown_grace: float = 20.0
+    max_concurrent_rpcs: int = 256
+    max_message_bytes: int = 64 * 1024
+    max_connection_age: float = 300.0
+    # Caller authentication (off unless configured)
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    auth_tokens_file: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        reader = _EnvReader(env)
+        username, password = _credentials(reader)
+        return cls(
+            username=username,
+            password=password,
+            base_url=_base_url(reader),
+            ui_version=reader.text("FLEX_UI_VERSION"),
+            attempt_timeout=reader.number("FLEX_ATTEMPT_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+            max_attempts=int(reader.number("FLEX_MAX_ATTEMPTS", 4, minimum=1)),
+            retry_ambiguous=reader.flag("FLEX_RETRY_AMBIGUOUS"),
+            default_deadline=reader.number("FLEX_DEFAULT_DEADLINE_SECONDS", 30.0, minimum=0.1),
+            max_deadline=reader.number("FLEX_MAX_DEADLINE_SECONDS", 60.0, minimum=0.1),
+            rate_limit_rps=reader.number("FLEX_RATE_LIMIT_RPS", 5.0, minimum=0.0),
+            rate_limit_burst=int(reader.number("FLEX_RATE_LIMIT_BURST", 1, minimum=1)),
+            idempotency_ttl=reader.number("IDEMPOTENCY_TTL_SECONDS", 86400.0, minimum=1.0),
+            idempotency_lock=reader.number("IDEMPOTENCY_LOCK_SECONDS", 10.0, minimum=0.5),
+            redis_url=_optional_secret(reader.secret("REDIS_URL")),
+            grpc_host=reader.text("GRPC_HOST") or "[::]",
+            grpc_port=reader.port("GRPC_PORT", 50051),
+            metrics_port=reader.port("METRICS_PORT", 9464),
+            log_level=reader.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            log_format=reader.choice("LOG_FORMAT", "json", ("json", "console")),
+            shutdown_delay=reader.number("SHUTDOWN_DELAY_SECONDS", 5.0, minimum=0.0),
+            shutdown_grace=reader.number("SHUTDOWN_GRACE_SECONDS", 20.0, minimum=0.0),
+            max_concurrent_rpcs=int(reader.number("GRPC_MAX_CONCURRENT_RPCS", 256, minimum=1)),
+            max_message_bytes=int(reader.number("GRPC_MAX_MESSAGE_BYTES", 65536, minimum=1024)),
+            max_connection_age=reader.number("GRPC_MAX_CONNECTION_AGE_SECONDS", 300.0, minimum=0),
+            tls_cert_file=reader.text("TLS_CERT_FILE"),
+            tls_key_file=reader.text("TLS_KEY_FILE"),
+            tls_client_ca_file=reader.text("TLS_CLIENT_CA_FILE"),
+            auth_tokens_file=reader.text("AUTH_TOKENS_FILE"),
+        )
+
+
+class _EnvReader:
+    """Typed access to the environment; every failure names the variable."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def text(self, name: str) -> str:
+        return self.env.get(name, "").strip()
+
+    def secret(self, name: str) -> str:
+        """NAME, or the content of the file NAME_FILE points at (never both)."""
+        value, path = self.env.get(name, ""), self.env.get(f"{name}_FILE", "")
+        if value and path:
+            raise ConfigError(f"set {name} or {name}_FILE, not both")
+        if not path:
+            return value.strip()
+        try:
+            return Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{name}_FILE={path} cannot be read: {exc.strerror}") from None
+
+    def number(self, name: str, default: float, *, minimum: float) -> float:
+        raw = self.text(name)
+        if not raw:
+            return float(default)
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if not value >= minimum or value == float("inf"):
+            raise ConfigError(f"{name} must be a finite number >= {minimum:g}, got {raw!r}")
+        return value
+
+    def port(self, name: str, default: int) -> int:
+        value = self.number(name, default, minimum=0)
+        if value != int(value) or value > 65535:
+            raise ConfigError(f"{name} must be a port number 0-65535, got {self.text(name)!r}")
+        return int(value)
+
+    def flag(self, name: str) -> bool:
+        raw = self.text(name).lower()
+        if raw in ("", "0", "false", "no", "off"):
+            return False
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        raw = self.text(name) or default
+        for option in allowed:
+            if raw.lower() == option.lower():
+                return option
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+
+
+def _optional_secret(value: str) -> Secret | None:
+    return Secret(value) if value else None
+
+
+_ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
+_API_KEY = re.compile(r"^SK[0-9a-fA-F]{32}$")
+
+
+def _credentials(reader: _EnvReader) -> tuple[str, Secret]:
+    """API key + secret when set (preferred, revocable), else account SID + auth token."""
+    account_sid = reader.secret("TWILIO_ACCOUNT_SID")
+    auth_token = reader.secret("TWILIO_AUTH_TOKEN")
+    api_key = reader.secret("TWILIO_API_KEY")
+    api_secret = reader.secret("TWILIO_API_SECRET")
+    if account_sid and not _ACCOUNT_SID.match(account_sid):
+        raise ConfigError("TWILIO_ACCOUNT_SID must look like AC followed by 32 hex digits")
+    if api_key or api_secret:
+        if not (api_key and api_secret):
+            raise ConfigError("TWILIO_API_KEY and TWILIO_API_SECRET must be set together")
+        if not _API_KEY.match(api_key):
+            raise ConfigError("TWILIO_API_KEY must look like SK followed by 32 hex digits")
+        return api_key, Secret(api_secret)
+    if account_sid and auth_token:
+        return account_sid, Secret(auth_token)
+    raise ConfigError(
+        "no Twilio credentials: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN, or "
+        "TWILIO_API_KEY and TWILIO_API_SECRET (or their *_FILE variants); "
+        "'make run' starts the local emulator instead"
+    )
+
+
+def _base_url(reader: _EnvReader) -> str:
+    """FLEX_API_BASE_URL, else the host twilio-python derives from TWILIO_REGION/TWILIO_EDGE."""
+    override = reader.text("FLEX_API_BASE_URL")
+    if not override:
+        edge, region = reader.text("TWILIO_EDGE"), reader.text("TWILIO_REGION")
+        region = region or ("us1" if edge else "")
+        host = ".".join(part for part in ("flex-api", edge, region, "twilio.com") if part)
+        return f"https://{host}"
+    parts = urlsplit(override)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"FLEX_API_BASE_URL must be an http(s) URL, got {override!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError("FLEX_API_BASE_URL must not carry credentials, a query or a fragment")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ConfigError(
+            f"FLEX_API_BASE_URL may use http:// only to a loopback host, got {parts.hostname!r}: "
+            "credentials would cross the network in clear text"
+        )
+    return override.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

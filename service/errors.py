@@ -1,0 +1,190 @@
+"""Every failure the facade reports, and the one table that turns it into a gRPC status.
+
+Exception tree::
+
+    FacadeError                      anything a caller is told about
+    ├── InvalidRequest               bad input, never sent upstream (INVALID_ARGUMENT + BadRequest)
+    ├── UpstreamError                Twilio answered with an HTTP error (status by the table below)
+    ├── UpstreamUnreachable          no usable answer: connect failure, timeout, reset (UNAVAILABLE)
+    ├── UpstreamBadResponse          2xx with an unusable body (INTERNAL)
+    ├── RateLimitExceeded            the account-wide budget cannot fit the deadline
+    ├── DeadlineExceeded             the caller's deadline (or the server maximum) ran out
+    ├── SharedStateUnavailable       Redis (shared limits, idempotency) cannot be reached
+    └── ReplayedError                a stored outcome of an earlier call with the same request_id
+
+Servicer code raises these; :func:`to_status` is the only place that builds statuses.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+UPSTREAM_DOMAIN = "flex-api.twilio.com"
+FACADE_DOMAIN = "flexwebchat.v1"
+
+
+class FacadeError(Exception):
+    """Base of every error reported to callers."""
+
+
+class InvalidRequest(FacadeError):
+    """The request is invalid; it never reaches Twilio. ``violations`` is (field, description)."""
+
+    def __init__(self, violations: list[tuple[str, str]]) -> None:
+        self.violations = violations
+        super().__init__("; ".join(f"{field}: {text}" for field, text in violations))
+
+
+class UpstreamError(FacadeError):
+    """Twilio answered a non-2xx status."""
+
+    def __init__(
+        self,
+        http_status: int,
+        message: str,
+        *,
+        twilio_code: int | None = None,
+        more_info: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        self.http_status = http_status
+        self.message = message
+        self.twilio_code = twilio_code
+        self.more_info = more_info
+        self.retry_after = retry_after
+        super().__init__(f"Twilio answered {http_status}: {message}")
+
+
+class UpstreamUnreachable(FacadeError):
+    """No HTTP answer. ``maybe_processed`` is true when the request may have reached Twilio."""
+
+    def __init__(self, reason: str, *, maybe_processed: bool) -> None:
+        self.reason = reason
+        self.maybe_processed = maybe_processed
+        self.retry_after: float | None = None
+        super().__init__(f"Twilio could not be reached: {reason}")
+
+
+class UpstreamBadResponse(FacadeError):
+    """Twilio answered 2xx, but not with a usable conversation."""
+
+    def __init__(self, http_status: int, reason: str) -> None:
+        self.http_status = http_status
+        super().__init__(f"Twilio answered {http_status} with an unusable body: {reason}")
+
+
+class RateLimitExceeded(FacadeError):
+    """The account-wide rate limit cannot admit the request before its deadline."""
+
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(
+            f"the account-wide Flex rate limit cannot fit this request before its deadline; "
+            f"retry in {retry_after:.1f}s or with a longer deadline"
+        )
+
+
+class DeadlineExceeded(FacadeError):
+    """The deadline ran out before Twilio answered."""
+
+
+class SharedStateUnavailable(FacadeError):
+    """Redis, which holds the shared rate limit and idempotency records, is unreachable."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"shared state (Redis) unavailable: {reason}")
+
+
+class ReplayedError(FacadeError):
+    """The stored failure of the first call with this request_id, returned again as it was."""
+
+    def __init__(self, status: status_pb2.Status) -> None:
+        self.status = status
+        super().__init__(status.message)
+
+
+# Twilio HTTP status -> gRPC code, for answers the retry policy did not (or could no longer) retry.
+_HTTP_TO_CODE = {
+    400: code_pb2.INVALID_ARGUMENT,
+    401: code_pb2.INTERNAL,  # the facade's own credentials are wrong: not the caller's fault
+    403: code_pb2.PERMISSION_DENIED,
+    404: code_pb2.NOT_FOUND,
+    422: code_pb2.INVALID_ARGUMENT,
+    429: code_pb2.RESOURCE_EXHAUSTED,
+}
+_DEFAULT_RETRY_DELAY = 1.0
+
+
+def upstream_code(http_status: int) -> int:
+    if http_status in _HTTP_TO_CODE:
+        return _HTTP_TO_CODE[http_status]
+    if http_status >= 500:
+        return code_pb2.UNAVAILABLE
+    return code_pb2.FAILED_PRECONDITION if http_status >= 400 else code_pb2.INTERNAL
+
+
+def to_status(exc: BaseException) -> status_pb2.Status:
+    """The gRPC status (with google.rpc details) a caller receives for ``exc``."""
+    match exc:
+        case ReplayedError():
+            return exc.status
+        case InvalidRequest():
+            bad = error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                    for f, d in exc.violations
+                ]
+            )
+            return _status(code_pb2.INVALID_ARGUMENT, f"invalid request: {exc}", bad)
+        case UpstreamError():
+            code = upstream_code(exc.http_status)
+            metadata = {"http_status": str(exc.http_status)}
+            if exc.twilio_code is not None:
+                metadata["twilio_code"] = str(exc.twilio_code)
+            if exc.more_info:
+                metadata["more_info"] = exc.more_info
+            reason = f"TWILIO_{exc.twilio_code}" if exc.twilio_code else f"HTTP_{exc.http_status}"
+            details = [_error_info(reason, UPSTREAM_DOMAIN, metadata)]
+            if code in (code_pb2.UNAVAILABLE, code_pb2.RESOURCE_EXHAUSTED):
+                details.append(_retry_info(exc.retry_after))
+            return _status(code, f"Twilio: {exc.message}", *details)
+        case UpstreamUnreachable():
+            info = _error_info("UPSTREAM_UNREACHABLE", UPSTREAM_DOMAIN, {"reason": exc.reason})
+            return _status(code_pb2.UNAVAILABLE, str(exc), info, _retry_info(None))
+        case UpstreamBadResponse():
+            metadata = {"http_status": str(exc.http_status)}
+            info = _error_info("UPSTREAM_BAD_RESPONSE", UPSTREAM_DOMAIN, metadata)
+            return _status(code_pb2.INTERNAL, str(exc), info)
+        case RateLimitExceeded():
+            info = _error_info("RATE_LIMITED", FACADE_DOMAIN, {})
+            return _status(code_pb2.RESOURCE_EXHAUSTED, str(exc), info, _retry_info(exc.retry_after))
+        case DeadlineExceeded():
+            return _status(code_pb2.DEADLINE_EXCEEDED, str(exc) or "deadline exceeded")
+        case SharedStateUnavailable():
+            info = _error_info("SHARED_STATE_UNAVAILABLE", FACADE_DOMAIN, {})
+            return _status(code_pb2.UNAVAILABLE, str(exc), info, _retry_info(None))
+        case _:
+            return _status(code_pb2.INTERNAL, "internal error")
+
+
+def _status(code: int, message: str, *details: object) -> status_pb2.Status:
+    status = status_pb2.Status(code=code, message=message)
+    for detail in details:
+        packed = any_pb2.Any()
+        packed.Pack(detail)  # type: ignore[arg-type]
+        status.details.append(packed)
+    return status
+
+
+def _error_info(
+    reason: str, domain: str, metadata: dict[str, str]
+) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=metadata)
+
+
+def _retry_info(seconds: float | None) -> error_details_pb2.RetryInfo:
+    delay = max(seconds if seconds is not None else _DEFAULT_RETRY_DELAY, 0.0)
+    whole = int(delay)
+    duration = duration_pb2.Duration(seconds=whole, nanos=int((delay - whole) * 1e9))
+    return error_details_pb2.RetryInfo(retry_delay=duration)

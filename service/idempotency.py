@@ -1,0 +1,204 @@
+"""At-most-once execution per request_id (AIP-155).
+
+The first call with an id claims it (a *pending* record owned by this call, whose lock a heartbeat
+keeps alive) and runs; its outcome is stored for the TTL and returned to every later call with the
+same id. Calls arriving while it runs wait for it rather than calling Twilio again. What is stored:
+
+* success, and failures determined by the request itself (Twilio 400/403/404/422): returned again
+  as they were, for the whole TTL;
+* everything else (unreachable, 5xx, 429, deadline, the facade's own 401, cancellation): the claim
+  is released, so a retry with the same id runs again. A retry is exactly what those errors ask for.
+
+When the owner dies (a replica killed mid-request), its heartbeat stops and the lock expires after
+IDEMPOTENCY_LOCK_SECONDS; the next call with the id then runs it.
+
+The same id with different request fields is INVALID_ARGUMENT (a BadRequest violation on
+request_id): the caller sent a malformed retry, which is a property of the request, like any other
+validation failure, and retrying it can never succeed.
+
+Records live in a :class:`RecordBackend`: :class:`LocalRecords` (this process; a single replica
+is then required for the guarantee) or ``service.shared.RedisRecords`` (all replicas).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from service import observability as obs
+from service.deadline import Deadline
+from service.errors import DeadlineExceeded, FacadeError, InvalidRequest, UpstreamError
+
+POLL_SECONDS = 0.025
+STORED_HTTP_FAILURES = frozenset({400, 403, 404, 422})
+
+
+@dataclass(frozen=True)
+class Record:
+    fingerprint: str
+    owner: str
+    done: bool = False
+    ok: bool = False
+    payload: bytes = b""
+
+
+class RecordBackend(Protocol):
+    async def claim(self, key: str, record: Record, lock_seconds: float) -> Record | None:
+        """Stores ``record`` if ``key`` is free and returns None; else returns what is there."""
+        ...
+
+    async def refresh(self, key: str, owner: str, lock_seconds: float) -> None: ...
+
+    async def complete(self, key: str, record: Record, ttl_seconds: float) -> None:
+        """Replaces the owner's pending record with the final one."""
+        ...
+
+    async def release(self, key: str, owner: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class Outcome(Exception):
+    """A stored failure, raised from ``work`` to have it recorded; ``payload`` is replayed."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+
+class IdempotencyStore:
+    def __init__(
+        self,
+        backend: RecordBackend,
+        *,
+        ttl_seconds: float,
+        lock_seconds: float,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.backend = backend
+        self.ttl = ttl_seconds
+        self.lock = lock_seconds
+        self._sleep = sleep
+
+    async def run(
+        self,
+        key: str,
+        fingerprint: str,
+        work: Callable[[], Awaitable[bytes]],
+        deadline: Deadline,
+    ) -> Record:
+        """The record of the one execution of ``work`` for ``key``; ``done`` and ``ok`` tell how
+        it ended. Raises the live error of this call when its own execution failed transiently."""
+        mine = Record(fingerprint=fingerprint, owner=uuid.uuid4().hex)
+        while (existing := await self.backend.claim(key, mine, self.lock)) is not None:
+            if existing.fingerprint != fingerprint:
+                obs.IDEMPOTENCY.labels(outcome="conflict").inc()
+                raise InvalidRequest(
+                    [
+                        (
+                            "request_id",
+                            "was already used with different request fields; "
+                            "a new chat needs a new request_id",
+                        )
+                    ]
+                )
+            if existing.done:
+                obs.IDEMPOTENCY.labels(outcome="replayed").inc()
+                obs.current_rpc().idempotency = "replayed"
+                return existing
+            if deadline.remaining() <= POLL_SECONDS:
+                raise DeadlineExceeded(
+                    "an earlier call with this request_id is still in progress; retry later"
+                )
+            await self._sleep(POLL_SECONDS)
+        obs.IDEMPOTENCY.labels(outcome="executed").inc()
+        obs.current_rpc().idempotency = "executed"
+        return await self._execute(key, mine, work)
+
+    async def _execute(
+        self, key: str, mine: Record, work: Callable[[], Awaitable[bytes]]
+    ) -> Record:
+        heartbeat = asyncio.create_task(self._heartbeat(key, mine.owner))
+        try:
+            payload = await work()
+        except Outcome as stored:
+            final = replace(mine, done=True, ok=False, payload=stored.payload)
+            await self.backend.complete(key, final, self.ttl)
+            return final
+        except BaseException:
+            # Transient failure or cancellation: free the id for a retry.
+            heartbeat.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.backend.release(key, mine.owner))
+            raise
+        finally:
+            heartbeat.cancel()
+        final = replace(mine, done=True, ok=True, payload=payload)
+        await self.backend.complete(key, final, self.ttl)
+        return final
+
+    async def _heartbeat(self, key: str, owner: str) -> None:
+        while True:
+            await asyncio.sleep(self.lock / 3)
+            with contextlib.suppress(FacadeError):
+                await self.backend.refresh(key, owner, self.lock)
+
+
+def is_stored_failure(exc: FacadeError) -> bool:
+    """Failures the request itself caused: the same request would fail the same way again."""
+    return isinstance(exc, UpstreamError) and exc.http_status in STORED_HTTP_FAILURES
+
+
+class LocalRecords:
+    """Records in this process's memory; expired ones are dropped as new ones arrive."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._records: dict[str, tuple[Record, float]] = {}
+        self._clock = clock
+        self._next_sweep = 0.0
+
+    def _live(self, key: str) -> Record | None:
+        entry = self._records.get(key)
+        if entry is None:
+            return None
+        if entry[1] <= self._clock():
+            del self._records[key]
+            return None
+        return entry[0]
+
+    async def claim(self, key: str, record: Record, lock_seconds: float) -> Record | None:
+        existing = self._live(key)
+        if existing is None:
+            self._evict_expired()
+            self._records[key] = (record, self._clock() + lock_seconds)
+        return existing
+
+    async def refresh(self, key: str, owner: str, lock_seconds: float) -> None:
+        existing = self._live(key)
+        if existing is not None and existing.owner == owner and not existing.done:
+            self._records[key] = (existing, self._clock() + lock_seconds)
+
+    async def complete(self, key: str, record: Record, ttl_seconds: float) -> None:
+        existing = self._live(key)
+        if existing is None or existing.owner == record.owner:
+            self._records[key] = (record, self._clock() + ttl_seconds)
+
+    async def release(self, key: str, owner: str) -> None:
+        existing = self._live(key)
+        if existing is not None and existing.owner == owner and not existing.done:
+            del self._records[key]
+
+    async def close(self) -> None:
+        return None
+
+    def _evict_expired(self) -> None:
+        now = self._clock()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 60.0  # a full scan at most once a minute
+        for key in [k for k, (_, expires) in self._records.items() if expires <= now]:
+            del self._records[key]

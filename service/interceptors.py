@@ -1,0 +1,92 @@
+"""The one place where exceptions become gRPC statuses, and where each RPC is logged and counted."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_status import rpc_status
+
+from service import observability as obs
+from service.errors import FacadeError, to_status
+
+log = logging.getLogger("flexwebchat.rpc")
+
+SERVICE_PREFIX = "/flexwebchat.v1."
+TRACE_HEADERS = ("x-request-id", "x-trace-id", "traceparent")
+CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Wraps the facade's unary methods; health and reflection pass through untouched.
+
+    ``authenticate`` (optional) maps the call's metadata to the caller's name, raising
+    FacadeError when the caller is not allowed.
+    """
+
+    def __init__(self, authenticate: Callable[[dict[str, str]], str] | None = None) -> None:
+        self._authenticate = authenticate
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(SERVICE_PREFIX):
+            return handler
+        if handler.unary_unary is None:  # pragma: no cover - the API has only unary methods
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            self._observe(details.method, handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _observe(self, method: str, behavior: Behavior) -> Behavior:
+        short = method.rsplit("/", 1)[-1]
+
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+            record = obs.RpcRecord(method=short, trace_id=_trace_id(metadata))
+            obs.begin_rpc(record)
+            obs.RPCS_IN_FLIGHT.inc()
+            code, message = "OK", ""
+            try:
+                if self._authenticate is not None:
+                    record.caller = self._authenticate(metadata)
+                return await behavior(request, context)
+            except FacadeError as exc:
+                status = to_status(exc)
+                code, message = CODE_NAMES.get(status.code, "UNKNOWN"), status.message
+                await context.abort_with_status(rpc_status.to_status(status))
+            except asyncio.CancelledError:
+                code, message = "CANCELLED", "the caller cancelled or its deadline passed"
+                raise
+            except Exception as exc:
+                log.exception("unexpected error", extra={"fields": {"method": short}})
+                status = to_status(exc)
+                code, message = "INTERNAL", status.message
+                await context.abort_with_status(rpc_status.to_status(status))
+            finally:
+                obs.RPCS_IN_FLIGHT.dec()
+                obs.RPCS.labels(method=short, code=code, caller=record.caller).inc()
+                obs.RPC_LATENCY.labels(method=short).observe(time.monotonic() - record.started)
+                obs.log_rpc(record, code, message)
+            raise AssertionError("unreachable: abort_with_status raises")
+
+        return observed
+
+
+def _trace_id(metadata: dict[str, str]) -> str:
+    for name in TRACE_HEADERS:
+        value = metadata.get(name, "")
+        if value:
+            return value[:128]
+    return ""

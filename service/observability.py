@@ -1,0 +1,129 @@
+"""Logs, metrics and the per-RPC record that ties them together.
+
+Each RPC gets an :class:`RpcRecord` (in a context variable) that the layers below fill in
+(attempts, Twilio code, conversation SID); the server interceptor logs it as one line when the RPC
+ends. Nothing here ever sees a secret, and pre-engagement data (personal data) is never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+log = logging.getLogger("flexwebchat")
+
+RPCS = Counter("flexwebchat_rpcs", "RPCs handled, by final gRPC code", ["method", "code", "caller"])
+RPCS_IN_FLIGHT = Gauge("flexwebchat_rpcs_in_flight", "RPCs being handled now")
+RPC_LATENCY = Histogram(
+    "flexwebchat_rpc_duration_seconds",
+    "RPC duration",
+    ["method"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+UPSTREAM_REQUESTS = Counter(
+    "flexwebchat_upstream_requests",
+    "Requests sent to Flex, by HTTP status (or transport failure)",
+    ["status"],
+)
+UPSTREAM_LATENCY = Histogram(
+    "flexwebchat_upstream_attempt_duration_seconds",
+    "Duration of one upstream attempt",
+    buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+)
+UPSTREAM_RETRIES = Counter("flexwebchat_upstream_retries", "Upstream retries, by cause", ["cause"])
+POSSIBLE_DUPLICATES = Counter(
+    "flexwebchat_possible_duplicates",
+    "Retries after an ambiguous failure: Twilio may have created an extra, unused conversation",
+)
+RATE_LIMIT_WAIT = Histogram(
+    "flexwebchat_rate_limit_wait_seconds",
+    "Time an upstream attempt waited for the account-wide rate limit",
+    buckets=(0, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+RATE_LIMIT_REFUSED = Counter(
+    "flexwebchat_rate_limit_refused", "Requests refused because the wait exceeded the deadline"
+)
+IDEMPOTENCY = Counter(
+    "flexwebchat_idempotency", "request_id outcomes: executed, replayed, conflict", ["outcome"]
+)
+SHARED_STATE_ERRORS = Counter(
+    "flexwebchat_shared_state_errors", "Failed operations on the shared state (Redis)"
+)
+
+
+@dataclass
+class RpcRecord:
+    """What one RPC did; logged as one line when it ends."""
+
+    method: str
+    caller: str = "anonymous"
+    trace_id: str = ""
+    request_id: str = ""
+    upstream_attempts: int = 0
+    twilio_code: int | None = None
+    conversation_sid: str = ""
+    idempotency: str = ""
+    started: float = field(default_factory=time.monotonic)
+
+
+_current: ContextVar[RpcRecord | None] = ContextVar("flexwebchat_rpc", default=None)
+
+
+def current_rpc() -> RpcRecord:
+    """The running RPC's record (a throwaway one outside an RPC, e.g. in unit tests)."""
+    record = _current.get()
+    return record if record is not None else RpcRecord(method="")
+
+
+def begin_rpc(record: RpcRecord) -> None:
+    _current.set(record)
+
+
+def log_rpc(record: RpcRecord, code: str, message: str) -> None:
+    fields = {k: v for k, v in asdict(record).items() if v not in ("", None) and k != "started"}
+    fields["code"] = code
+    fields["duration_ms"] = round((time.monotonic() - record.started) * 1000, 1)
+    if code != "OK":
+        fields["error"] = message
+    level = logging.INFO if code in ("OK", "INVALID_ARGUMENT", "NOT_FOUND") else logging.WARNING
+    log.log(level, "rpc", extra={"fields": fields})
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", {})
+        extra = " ".join(f"{k}={v}" for k, v in fields.items())
+        return f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.getMessage()} {extra}"
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    formatter: logging.Formatter = JsonFormatter() if fmt == "json" else ConsoleFormatter()
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # httpx logs every request URL at INFO; ours are in the RPC line already.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -1,0 +1,139 @@
+"""Assembles the running facade: gRPC server, servicer, health, reflection, interceptors, metrics,
+the one HTTP client and the (local or shared) rate limit and idempotency records; then drains it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import httpx
+from flexwebchat.v1 import webchat_pb2, webchat_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from service.config import Settings
+from service.flex import FlexClient, new_http_client
+from service.idempotency import IdempotencyStore, LocalRecords, RecordBackend
+from service.interceptors import RpcObserver
+from service.ratelimit import LocalRateLimiter, RateLimiter, Unlimited
+from service.webchat import WebChatServicer
+
+log = logging.getLogger("flexwebchat")
+
+SERVICE_NAME = webchat_pb2.DESCRIPTOR.services_by_name["WebChatService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclass
+class Facade:
+    settings: Settings
+    server: grpc.aio.Server
+    health: Any
+    http: httpx.AsyncClient
+    limiter: RateLimiter
+    records: RecordBackend
+    port: int
+    metrics: Any = None
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Facade:
+        """Builds and starts everything; call inside the running event loop."""
+        http = new_http_client(settings)
+        limiter, records = await _state(settings)
+        idempotency = IdempotencyStore(
+            records, ttl_seconds=settings.idempotency_ttl, lock_seconds=settings.idempotency_lock
+        )
+        servicer = WebChatServicer(FlexClient(http, settings, limiter), idempotency, settings)
+
+        server = grpc.aio.server(
+            interceptors=[RpcObserver()],
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            options=_channel_options(settings),
+        )
+        webchat_pb2_grpc.add_WebChatServiceServicer_to_server(servicer, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, SERVING)
+
+        metrics = None
+        if settings.metrics_port:
+            metrics, _ = start_http_server(settings.metrics_port)
+        log.info(
+            "serving",
+            extra={
+                "fields": {
+                    "grpc_port": port,
+                    "metrics_port": settings.metrics_port or None,
+                    "upstream": settings.base_url,
+                    "rate_limit_rps": settings.rate_limit_rps,
+                    "shared_state": "redis" if settings.redis_url else "local",
+                }
+            },
+        )
+        return cls(settings, server, health_servicer, http, limiter, records, port, metrics)
+
+    async def stop(self) -> None:
+        """Drain: NOT_SERVING at once, keep serving while endpoints update, let in-flight RPCs
+        finish within the grace period, then close the HTTP client and shared state."""
+        await self.health.enter_graceful_shutdown()
+        log.info("draining", extra={"fields": {"delay_s": self.settings.shutdown_delay}})
+        await asyncio.sleep(self.settings.shutdown_delay)
+        await self.server.stop(grace=self.settings.shutdown_grace)
+        await self.http.aclose()
+        await self.limiter.close()
+        await self.records.close()
+        if self.metrics is not None:
+            self.metrics.shutdown()
+        log.info("stopped")
+
+
+async def serve(settings: Settings) -> None:
+    """Runs until SIGTERM or SIGINT, then drains and returns."""
+    facade = await Facade.start(settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await facade.stop()
+
+
+async def _state(settings: Settings) -> tuple[RateLimiter, RecordBackend]:
+    """Rate limit and idempotency records: in Redis when REDIS_URL is set, else in-process."""
+    if settings.redis_url is not None:
+        from service.shared import connect_shared_state
+
+        return await connect_shared_state(settings)
+    limiter: RateLimiter = (
+        LocalRateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
+        if settings.rate_limit_rps > 0
+        else Unlimited()
+    )
+    return limiter, LocalRecords()
+
+
+def _channel_options(settings: Settings) -> list[tuple[str, int]]:
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+    if settings.max_connection_age > 0:
+        # Long-lived HTTP/2 connections pin a client to one pod; ageing them out lets
+        # clients re-resolve and spread across replicas.
+        options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)))
+        options.append(("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace * 1000)))
+    return options
