@@ -1,0 +1,238 @@
+"""The Flex client against httpx.MockTransport: wire format, retry policy and error parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Callable
+from urllib.parse import parse_qsl
+
+import httpx
+import pytest
+
+from service.config import Secret, Settings
+from service.deadline import Deadline
+from service.errors import (
+    DeadlineExceeded,
+    UpstreamBadResponse,
+    UpstreamError,
+    UpstreamUnreachable,
+)
+from service.flex import USER_AGENT, FlexClient, WebChatParams, parse_retry_after
+from service.ratelimit import Unlimited
+
+ADDRESS = "IG" + "ab" * 16
+CREATED = {"conversation_sid": "CH" + "0" * 32, "identity": "guest"}
+
+
+def settings(**overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "username": "AC" + "1" * 32,
+        "password": Secret("s3cret-token"),
+        "base_url": "https://flex-api.twilio.com",
+        "max_attempts": 4,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+class Upstream:
+    """Answers from a script; records every request and every backoff sleep."""
+
+    def __init__(self, *answers: httpx.Response | Exception) -> None:
+        self.answers = list(answers)
+        self.requests: list[httpx.Request] = []
+        self.sleeps: list[float] = []
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answer = self.answers.pop(0) if self.answers else httpx.Response(201, json=CREATED)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+    def client(self, **overrides: object) -> FlexClient:
+        config = settings(**overrides)
+        http = httpx.AsyncClient(
+            base_url=config.base_url,
+            transport=httpx.MockTransport(self.handler),
+            auth=httpx.BasicAuth(config.username, config.password.reveal()),
+            headers={"User-Agent": USER_AGENT},
+        )
+        return FlexClient(http, config, Unlimited(), sleep=self.sleep)
+
+
+def create(client: FlexClient, retry_ambiguous: bool = False, seconds: float = 30, **fields: str):
+    params = WebChatParams(address_sid=ADDRESS, **fields)
+    return client.create_web_chat(params, Deadline.after(seconds), retry_ambiguous=retry_ambiguous)
+
+
+def twilio_error(status: int, code: int, **headers: str) -> httpx.Response:
+    body = {"code": code, "message": f"error {code}", "more_info": f"https://www.twilio.com/docs/errors/{code}", "status": status}
+    return httpx.Response(status, json=body, headers=headers)
+
+
+async def test_full_request_wire_format() -> None:
+    upstream = Upstream()
+    chat = await create(
+        upstream.client(ui_version="1.0.0"),
+        chat_friendly_name="Chat",
+        customer_friendly_name="Ada",
+        pre_engagement_data='{"a": 1}',
+        identity="ada",
+        ui_version="2.0.0",
+    )
+    assert chat.conversation_sid == CREATED["conversation_sid"]
+    [request] = upstream.requests
+    assert request.method == "POST"
+    assert str(request.url) == "https://flex-api.twilio.com/v2/WebChats"
+    assert parse_qsl(request.content.decode()) == [
+        ("AddressSid", ADDRESS),
+        ("ChatFriendlyName", "Chat"),
+        ("CustomerFriendlyName", "Ada"),
+        ("PreEngagementData", '{"a": 1}'),
+        ("Identity", "ada"),
+    ]
+    assert request.headers["Content-Type"] == "application/x-www-form-urlencoded"
+    assert request.headers["Accept"] == "application/json"
+    assert request.headers["Accept-Charset"] == "utf-8"
+    assert request.headers["Ui-Version"] == "2.0.0"
+    assert request.headers["User-Agent"].startswith("flexwebchat/")
+    expected_auth = base64.b64encode(f"{'AC' + '1' * 32}:s3cret-token".encode()).decode()
+    assert request.headers["Authorization"] == f"Basic {expected_auth}"
+
+
+async def test_minimal_request_omits_empty_fields_and_header() -> None:
+    upstream = Upstream()
+    await create(upstream.client())
+    [request] = upstream.requests
+    assert parse_qsl(request.content.decode()) == [("AddressSid", ADDRESS)]
+    assert "Ui-Version" not in request.headers
+
+
+# (answers, retry_ambiguous) -> (attempts, outcome)
+RETRY_CASES: list[tuple[str, list[Callable[[], httpx.Response | Exception]], bool, int, type | None]] = [
+    ("503 then ok", [lambda: twilio_error(503, 20503)], False, 2, None),
+    ("429 then ok", [lambda: twilio_error(429, 20429)], False, 2, None),
+    ("connect error then ok", [lambda: httpx.ConnectError("refused")], False, 2, None),
+    ("pool timeout then ok", [lambda: httpx.PoolTimeout("pool")], False, 2, None),
+    ("500 not retried", [lambda: twilio_error(500, 20500)], False, 1, UpstreamError),
+    ("502 not retried", [lambda: twilio_error(502, 20500)], False, 1, UpstreamError),
+    ("504 not retried", [lambda: twilio_error(504, 20500)], False, 1, UpstreamError),
+    ("read timeout not retried", [lambda: httpx.ReadTimeout("slow")], False, 1, UpstreamUnreachable),
+    ("reset after send not retried", [lambda: httpx.RemoteProtocolError("closed")], False, 1, UpstreamUnreachable),
+    ("500 retried when allowed", [lambda: twilio_error(500, 20500)], True, 2, None),
+    ("read timeout retried when allowed", [lambda: httpx.ReadTimeout("slow")], True, 2, None),
+    ("400 never retried", [lambda: twilio_error(400, 20001)], True, 1, UpstreamError),
+    ("404 never retried", [lambda: twilio_error(404, 20404)], True, 1, UpstreamError),
+    ("401 never retried", [lambda: twilio_error(401, 20003)], True, 1, UpstreamError),
+    ("503 until attempts run out", [lambda: twilio_error(503, 20503)] * 4, False, 4, UpstreamError),
+]
+
+
+@pytest.mark.parametrize(("name", "answers", "ambiguous_ok", "attempts", "error"), RETRY_CASES, ids=[c[0] for c in RETRY_CASES])
+async def test_retry_classes(name, answers, ambiguous_ok, attempts, error) -> None:
+    upstream = Upstream(*[make() for make in answers])
+    client = upstream.client()
+    if error is None:
+        await create(client, retry_ambiguous=ambiguous_ok)
+    else:
+        with pytest.raises(error):
+            await create(client, retry_ambiguous=ambiguous_ok)
+    assert len(upstream.requests) == attempts
+    assert len(upstream.sleeps) == attempts - 1
+
+
+async def test_backoff_is_exponential_with_full_jitter() -> None:
+    upstream = Upstream(*[twilio_error(503, 20503) for _ in range(3)])
+    await create(upstream.client())
+    # wait_random_exponential(multiplier=0.2): attempt n sleeps uniformly in [0, 0.2 * 2**n].
+    for attempt, slept in enumerate(upstream.sleeps, start=1):
+        assert 0 <= slept <= 0.2 * 2**attempt
+
+
+async def test_retry_after_is_honoured() -> None:
+    upstream = Upstream(twilio_error(429, 20429, **{"Retry-After": "2"}))
+    await create(upstream.client())
+    assert upstream.sleeps == [2.0]
+
+
+async def test_no_backoff_sleeps_past_the_deadline() -> None:
+    upstream = Upstream(twilio_error(503, 20503, **{"Retry-After": "5"}))
+    with pytest.raises(UpstreamError) as caught:
+        await create(upstream.client(), seconds=1.0)
+    assert caught.value.http_status == 503
+    assert upstream.sleeps == []
+    assert len(upstream.requests) == 1
+
+
+async def test_deadline_cancels_the_attempt_in_flight() -> None:
+    cancelled = asyncio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return httpx.Response(201, json=CREATED)
+
+    config = settings()
+    http = httpx.AsyncClient(base_url=config.base_url, transport=httpx.MockTransport(slow))
+    client = FlexClient(http, config, Unlimited())
+    with pytest.raises(DeadlineExceeded):
+        await create(client, seconds=0.2)
+    assert cancelled.is_set()
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ("not json", "not JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"identity": "x"}', "conversation_sid"),
+        ('{"conversation_sid": "CH' + "0" * 31 + '", "identity": "x"}', "conversation_sid"),
+        ('{"conversation_sid": "CH' + "0" * 32 + '"}', "identity"),
+    ],
+)
+async def test_unusable_success_bodies_are_faults(body: str, reason: str) -> None:
+    upstream = Upstream(httpx.Response(201, text=body))
+    with pytest.raises(UpstreamBadResponse, match=reason):
+        await create(upstream.client())
+
+
+@pytest.mark.parametrize(
+    ("response", "code", "message"),
+    [
+        (httpx.Response(404, text="<html>gone</html>"), None, "Not Found"),
+        (httpx.Response(400, json={"code": "20001", "message": 7}), None, "Bad Request"),
+        (httpx.Response(400, json={"code": True}), None, "Bad Request"),
+        (httpx.Response(403, json=["x"]), None, "Forbidden"),
+        (httpx.Response(400, json={"code": 20001, "message": "Invalid AddressSid"}), 20001, "Invalid AddressSid"),
+    ],
+)
+async def test_error_bodies_are_parsed_defensively(response, code, message) -> None:
+    upstream = Upstream(response)
+    with pytest.raises(UpstreamError) as caught:
+        await create(upstream.client())
+    assert caught.value.twilio_code == code
+    assert caught.value.message == message
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [(None, None), ("3", 3.0), ("0.5", 0.5), ("-4", 0.0), ("9999", 60.0), ("soon", None), ("nan", None)],
+)
+def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
+    assert parse_retry_after(header) == seconds
+
+
+def test_parse_retry_after_http_date() -> None:
+    from email.utils import formatdate
+    import time
+
+    seconds = parse_retry_after(formatdate(time.time() + 10, usegmt=True))
+    assert seconds is not None and 8 <= seconds <= 10
