@@ -40,7 +40,7 @@ def test_create_call(facade: FacadeProcess, upstream: EmulatorProcess) -> None:
     result = grpcurl("-d", body, facade.target, "flexwebchat.v1.WebChatService/CreateWebChat")
     assert result.returncode == 0, result.stderr
     reply = json.loads(result.stdout)
-    assert reply["conversationSid"].startswith("CH") and reply["identity"]
+    assert reply["conversation_sid"].startswith("CH") and reply["identity"]
     assert upstream.requests()[0]["form"]["CustomerFriendlyName"] == "Ada"
 
 
