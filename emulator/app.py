@@ -26,9 +26,9 @@ from typing import Any
 from aiohttp import web
 
 ACCOUNT_SID = "AC" + "0" * 32
-AUTH_TOKEN = "emulator-auth-token"  # noqa: S105 - the emulator's own, public, dev credentials
+AUTH_TOKEN = "emulator-auth-token"
 API_KEY = "SK" + "0" * 32
-API_SECRET = "emulator-api-secret"  # noqa: S105
+API_SECRET = "emulator-api-secret"
 ADDRESS_SID = re.compile(r"IG[0-9a-fA-F]{32}")
 MAX_PRE_ENGAGEMENT_BYTES = 16 * 1024
 
@@ -115,10 +115,14 @@ class Emulator:
         if self.bucket is not None and not self.bucket.take():
             return twilio_error(429, 20429, "Too Many Requests")
         if request.content_type != "application/x-www-form-urlencoded":
-            return twilio_error(400, 20001, "Content-Type must be application/x-www-form-urlencoded")
+            return twilio_error(
+                400, 20001, "Content-Type must be application/x-www-form-urlencoded"
+            )
         address_sid = form.get("AddressSid", "")
         if not address_sid:
-            return twilio_error(400, 20001, "Missing required parameter AddressSid in the post body")
+            return twilio_error(
+                400, 20001, "Missing required parameter AddressSid in the post body"
+            )
         if not ADDRESS_SID.fullmatch(address_sid):
             return twilio_error(400, 20001, "Invalid AddressSid")
         if len(form.get("PreEngagementData", "").encode()) > MAX_PRE_ENGAGEMENT_BYTES:
@@ -187,7 +191,5 @@ async def start(
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    server = site._server
-    assert server is not None
-    bound = server.sockets[0].getsockname()[1]
+    bound = runner.addresses[0][1]
     return runner, int(bound), emulator

@@ -23,7 +23,7 @@ CREDENTIAL_VARIABLES = (
 
 def main() -> int:
     if any(os.environ.get(name) for name in CREDENTIAL_VARIABLES):
-        os.execv(sys.executable, [sys.executable, "-m", "service"])
+        os.execv(sys.executable, [sys.executable, "-m", "service"])  # noqa: S606
     emulator = subprocess.Popen(
         [sys.executable, "-m", "emulator"], stdout=subprocess.PIPE, text=True
     )

@@ -105,7 +105,7 @@ class ReplayedError(FacadeError):
 
 
 # Twilio HTTP status -> gRPC code, for answers the retry policy did not (or could no longer) retry.
-_HTTP_TO_CODE = {
+_HTTP_TO_CODE: dict[int, int] = {
     400: code_pb2.INVALID_ARGUMENT,
     401: code_pb2.INTERNAL,  # the facade's own credentials are wrong: not the caller's fault
     403: code_pb2.PERMISSION_DENIED,
@@ -120,8 +120,8 @@ def upstream_code(http_status: int) -> int:
     if http_status in _HTTP_TO_CODE:
         return _HTTP_TO_CODE[http_status]
     if http_status >= 500:
-        return code_pb2.UNAVAILABLE
-    return code_pb2.FAILED_PRECONDITION if http_status >= 400 else code_pb2.INTERNAL
+        return int(code_pb2.UNAVAILABLE)
+    return int(code_pb2.FAILED_PRECONDITION if http_status >= 400 else code_pb2.INTERNAL)
 
 
 def to_status(exc: BaseException) -> status_pb2.Status:
@@ -158,7 +158,9 @@ def to_status(exc: BaseException) -> status_pb2.Status:
             return _status(code_pb2.INTERNAL, str(exc), info)
         case RateLimitExceeded():
             info = _error_info("RATE_LIMITED", FACADE_DOMAIN, {})
-            return _status(code_pb2.RESOURCE_EXHAUSTED, str(exc), info, _retry_info(exc.retry_after))
+            return _status(
+                code_pb2.RESOURCE_EXHAUSTED, str(exc), info, _retry_info(exc.retry_after)
+            )
         case DeadlineExceeded():
             return _status(code_pb2.DEADLINE_EXCEEDED, str(exc) or "deadline exceeded")
         case SharedStateUnavailable():
@@ -177,9 +179,7 @@ def _status(code: int, message: str, *details: object) -> status_pb2.Status:
     return status
 
 
-def _error_info(
-    reason: str, domain: str, metadata: dict[str, str]
-) -> error_details_pb2.ErrorInfo:
+def _error_info(reason: str, domain: str, metadata: dict[str, str]) -> error_details_pb2.ErrorInfo:
     return error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=metadata)
 
 

@@ -1,4 +1,4 @@
-"""The only module that knows Twilio's wire format: form fields, headers, auth, error bodies, retries.
+"""The only module that knows Twilio's wire format: form, headers, auth, error bodies, retries.
 
 The request matches what twilio-python's ``client.flex_api.v2.web_channels.create(...)`` sends,
 field for field and header for header, except for the honest ``User-Agent`` and the absence of
@@ -192,7 +192,7 @@ def is_retryable(exc: BaseException, retry_ambiguous: bool) -> bool:
     return False
 
 
-class stop_before_deadline(stop_base):  # noqa: N801 - named like tenacity's own strategies
+class stop_before_deadline(stop_base):
     """Stop when the coming backoff (plus a moment for the attempt) would not fit the deadline."""
 
     MIN_ATTEMPT_SECONDS = 0.05
@@ -205,7 +205,7 @@ class stop_before_deadline(stop_base):  # noqa: N801 - named like tenacity's own
         return needed >= self.deadline.remaining()
 
 
-class wait_retry_after(wait_base):  # noqa: N801 - named like tenacity's own strategies
+class wait_retry_after(wait_base):
     """Twilio's Retry-After when it sent one, else the fallback backoff."""
 
     def __init__(self, fallback: wait_base) -> None:

@@ -53,7 +53,9 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         short = method.rsplit("/", 1)[-1]
 
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+            metadata = {
+                k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)
+            }
             record = obs.RpcRecord(method=short, trace_id=_trace_id(metadata))
             obs.begin_rpc(record)
             obs.RPCS_IN_FLIGHT.inc()

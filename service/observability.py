@@ -114,7 +114,8 @@ class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", {})
         extra = " ".join(f"{k}={v}" for k, v in fields.items())
-        return f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.getMessage()} {extra}"
+        time_of_day = self.formatTime(record, "%H:%M:%S")
+        return f"{time_of_day} {record.levelname:<7} {record.getMessage()} {extra}"
 
 
 def configure_logging(level: str, fmt: str) -> None:

@@ -56,7 +56,7 @@ class Facade:
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=_channel_options(settings),
         )
-        webchat_pb2_grpc.add_WebChatServiceServicer_to_server(servicer, server)
+        webchat_pb2_grpc.add_WebChatServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

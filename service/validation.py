@@ -16,7 +16,9 @@ from service.errors import InvalidRequest
 from service.flex import WebChatParams
 
 ADDRESS_SID = re.compile(r"IG[0-9a-fA-F]{32}")
-REQUEST_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+REQUEST_ID = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
 UI_VERSION = re.compile(r"[\x21-\x7e]{1,64}")  # a header value: visible ASCII, no spaces
 MAX_NAME_CHARS = 256
 MAX_PRE_ENGAGEMENT_BYTES = 16 * 1024

@@ -1,4 +1,4 @@
-"""The servicer: validate -> (idempotency) -> Flex -> response. Errors are raised, never built here."""
+"""The servicer: validate -> (idempotency) -> Flex -> response. Raises errors, never builds them."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
         self._idempotency = idempotency
         self._settings = settings
 
-    async def CreateWebChat(  # noqa: N802 - the generated interface's name
+    async def CreateWebChat(
         self,
         request: webchat_pb2.CreateWebChatRequest,
         context: grpc.aio.ServicerContext,

@@ -35,7 +35,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+def stop_process(
+    proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10
+) -> int:
     if proc.poll() is None:
         proc.send_signal(sig)
         try:
@@ -134,7 +136,11 @@ def facade_env(emulator_url: str, **overrides: str) -> dict[str, str]:
 def start_facade(env: dict[str, str], log_path: Path) -> FacadeProcess:
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service"], env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT
+            [sys.executable, "-m", "service"],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
     facade = FacadeProcess(proc, int(env["GRPC_PORT"]), int(env.get("METRICS_PORT", "0")), log_path)
     health = health_pb2_grpc.HealthStub(facade.channel)
@@ -208,9 +214,64 @@ def rich_status(error: grpc.RpcError) -> dict[str, Any]:
     if status is None:
         return details
     for packed in status.details:
-        for kind in (error_details_pb2.BadRequest, error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo):
+        for kind in (
+            error_details_pb2.BadRequest,
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.RetryInfo,
+        ):
             if packed.Is(kind.DESCRIPTOR):
                 detail = kind()
                 packed.Unpack(detail)
                 details[kind.__name__] = detail
     return details
+
+
+@dataclass
+class RedisProcess:
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def cli(self, *args: str) -> str:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+        try:
+            return str(client.execute_command(*args))
+        finally:
+            client.close()
+
+
+def start_redis(port: int | None = None) -> RedisProcess:
+    import shutil
+
+    import redis
+
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is installed by `make system-deps` (Debian package redis-server)"
+    port = port or free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.2).ping()
+            return RedisProcess(port, proc)
+        except redis.RedisError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                stop_process(proc)
+                raise RuntimeError("redis-server did not start") from None
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisProcess]:
+    server = start_redis()
+    yield server
+    stop_process(server.proc)

@@ -22,11 +22,21 @@ def test_account_credentials_and_default_host() -> None:
     s = Settings.from_env({"TWILIO_ACCOUNT_SID": ACCOUNT, "TWILIO_AUTH_TOKEN": "tok"})
     assert (s.username, s.password.reveal()) == (ACCOUNT, "tok")
     assert s.base_url == "https://flex-api.twilio.com"
-    assert (s.rate_limit_rps, s.grpc_port, s.metrics_port, s.log_format) == (5.0, 50051, 9464, "json")
+    assert (s.rate_limit_rps, s.grpc_port, s.metrics_port, s.log_format) == (
+        5.0,
+        50051,
+        9464,
+        "json",
+    )
 
 
 def test_api_key_is_preferred_over_auth_token() -> None:
-    env = {"TWILIO_ACCOUNT_SID": ACCOUNT, "TWILIO_AUTH_TOKEN": "tok", "TWILIO_API_KEY": KEY, "TWILIO_API_SECRET": "sec"}
+    env = {
+        "TWILIO_ACCOUNT_SID": ACCOUNT,
+        "TWILIO_AUTH_TOKEN": "tok",
+        "TWILIO_API_KEY": KEY,
+        "TWILIO_API_SECRET": "sec",
+    }
     s = Settings.from_env(env)
     assert (s.username, s.password.reveal()) == (KEY, "sec")
 
@@ -39,15 +49,27 @@ def test_api_key_is_preferred_over_auth_token() -> None:
         ("au1", "", "flex-api.au1.twilio.com"),
     ],
 )
-def test_region_and_edge_select_the_host_as_twilio_python_does(region: str, edge: str, host: str) -> None:
-    env = {"TWILIO_ACCOUNT_SID": ACCOUNT, "TWILIO_AUTH_TOKEN": "t", "TWILIO_REGION": region, "TWILIO_EDGE": edge}
+def test_region_and_edge_select_the_host_as_twilio_python_does(
+    region: str, edge: str, host: str
+) -> None:
+    env = {
+        "TWILIO_ACCOUNT_SID": ACCOUNT,
+        "TWILIO_AUTH_TOKEN": "t",
+        "TWILIO_REGION": region,
+        "TWILIO_EDGE": edge,
+    }
     assert Settings.from_env(env).base_url == f"https://{host}"
 
 
 def test_secrets_from_files(tmp_path: Path) -> None:
     (tmp_path / "sid").write_text(ACCOUNT + "\n")
     (tmp_path / "token").write_text("file-token\n")
-    s = Settings.from_env({"TWILIO_ACCOUNT_SID_FILE": str(tmp_path / "sid"), "TWILIO_AUTH_TOKEN_FILE": str(tmp_path / "token")})
+    s = Settings.from_env(
+        {
+            "TWILIO_ACCOUNT_SID_FILE": str(tmp_path / "sid"),
+            "TWILIO_AUTH_TOKEN_FILE": str(tmp_path / "token"),
+        }
+    )
     assert (s.username, s.password.reveal()) == (ACCOUNT, "file-token")
 
 
@@ -57,12 +79,21 @@ def test_secrets_from_files(tmp_path: Path) -> None:
         ({}, "no Twilio credentials"),
         ({"TWILIO_ACCOUNT_SID": ACCOUNT}, "no Twilio credentials"),
         ({"TWILIO_API_KEY": KEY}, "must be set together"),
-        ({"TWILIO_ACCOUNT_SID": "ACnope", "TWILIO_AUTH_TOKEN": "t"}, "TWILIO_ACCOUNT_SID must look like"),
-        ({"TWILIO_AUTH_TOKEN_FILE": "/nonexistent/token", "TWILIO_ACCOUNT_SID": ACCOUNT}, "cannot be read"),
+        (
+            {"TWILIO_ACCOUNT_SID": "ACnope", "TWILIO_AUTH_TOKEN": "t"},
+            "TWILIO_ACCOUNT_SID must look like",
+        ),
+        (
+            {"TWILIO_AUTH_TOKEN_FILE": "/nonexistent/token", "TWILIO_ACCOUNT_SID": ACCOUNT},
+            "cannot be read",
+        ),
         ({**CREDS, "FLEX_API_BASE_URL": "http://flex.example.com"}, "only to a loopback host"),
         ({**CREDS, "FLEX_API_BASE_URL": "ftp://127.0.0.1"}, "must be an http(s) URL"),
         ({**CREDS, "FLEX_RATE_LIMIT_RPS": "fast"}, "FLEX_RATE_LIMIT_RPS must be a number"),
-        ({**CREDS, "FLEX_RATE_LIMIT_RPS": "-1"}, "FLEX_RATE_LIMIT_RPS must be a finite number >= 0"),
+        (
+            {**CREDS, "FLEX_RATE_LIMIT_RPS": "-1"},
+            "FLEX_RATE_LIMIT_RPS must be a finite number >= 0",
+        ),
         ({**CREDS, "GRPC_PORT": "70000"}, "GRPC_PORT must be a port"),
         ({**CREDS, "LOG_FORMAT": "xml"}, "LOG_FORMAT must be one of json, console"),
     ],
@@ -87,7 +118,14 @@ def test_loopback_http_is_allowed_for_the_emulator() -> None:
 )
 def test_startup_refuses_with_one_line_and_nonzero_exit(env: dict[str, str], reason: str) -> None:
     full = facade_env("http://127.0.0.1:1", **env)
-    result = subprocess.run([sys.executable, "-m", "service"], env=full, capture_output=True, text=True, timeout=30, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "service"],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("flexwebchat: refusing to start: ")
@@ -95,7 +133,11 @@ def test_startup_refuses_with_one_line_and_nonzero_exit(env: dict[str, str], rea
 
 
 def test_settings_repr_hides_secrets() -> None:
-    env = {"TWILIO_API_KEY": KEY, "TWILIO_API_SECRET": "api-secret-value", "REDIS_URL": "redis://:redis-pass@h:6379"}
+    env = {
+        "TWILIO_API_KEY": KEY,
+        "TWILIO_API_SECRET": "api-secret-value",
+        "REDIS_URL": "redis://:redis-pass@h:6379",
+    }
     text = repr(Settings.from_env(env)) + str(Settings.from_env(env))
     assert "api-secret-value" not in text and "redis-pass" not in text
     assert "Secret('********')" in text
@@ -116,7 +158,9 @@ def test_secrets_never_appear_in_logs_or_errors_on_upstream_401(
         facade.create()
 
     status = rich_status(caught.value)
-    assert status["code"] == grpc.StatusCode.INTERNAL  # the facade's credentials, not the caller's fault
+    assert (
+        status["code"] == grpc.StatusCode.INTERNAL
+    )  # the facade's credentials, not the caller's fault
     assert status["ErrorInfo"].metadata["twilio_code"] == "20003"
     assert upstream.requests()[0]["status"] == 401  # the secret did go out, to the upstream only
     facade.stop()

@@ -12,14 +12,20 @@ from conftest import ADDRESS_SID, EmulatorProcess, FacadeProcess, rich_status
 CONVERSATION_SID = re.compile(r"CH[0-9a-f]{32}")
 
 
-def test_create_returns_the_new_conversation(facade: FacadeProcess, upstream: EmulatorProcess) -> None:
+def test_create_returns_the_new_conversation(
+    facade: FacadeProcess, upstream: EmulatorProcess
+) -> None:
     reply = facade.create(customer_friendly_name="Ada", identity="guest-42")
 
     assert CONVERSATION_SID.fullmatch(reply.conversation_sid)
     assert reply.identity == "guest-42"
     [seen] = upstream.requests()
     assert seen["status"] == 201
-    assert seen["form"] == {"AddressSid": ADDRESS_SID, "CustomerFriendlyName": "Ada", "Identity": "guest-42"}
+    assert seen["form"] == {
+        "AddressSid": ADDRESS_SID,
+        "CustomerFriendlyName": "Ada",
+        "Identity": "guest-42",
+    }
 
 
 def test_full_request_maps_every_field(facade: FacadeProcess, upstream: EmulatorProcess) -> None:
@@ -50,7 +56,9 @@ def test_server_default_ui_version(make_facade, upstream: EmulatorProcess) -> No
     assert second["headers"]["Ui-Version"] == "3.0.0"
 
 
-def test_minimal_request_sends_no_empty_fields(facade: FacadeProcess, upstream: EmulatorProcess) -> None:
+def test_minimal_request_sends_no_empty_fields(
+    facade: FacadeProcess, upstream: EmulatorProcess
+) -> None:
     facade.create()
     [seen] = upstream.requests()
     assert seen["form"] == {"AddressSid": ADDRESS_SID}
@@ -61,7 +69,11 @@ def test_validation_error_names_each_field_and_never_calls_twilio(
     facade: FacadeProcess, upstream: EmulatorProcess
 ) -> None:
     with pytest.raises(grpc.RpcError) as caught:
-        facade.create(address_sid="IS0123456789abcdef0123456789abcdef", pre_engagement_data="[1]", request_id="nope")
+        facade.create(
+            address_sid="IS0123456789abcdef0123456789abcdef",
+            pre_engagement_data="[1]",
+            request_id="nope",
+        )
 
     status = rich_status(caught.value)
     assert status["code"] == grpc.StatusCode.INVALID_ARGUMENT
@@ -74,15 +86,29 @@ def test_validation_error_names_each_field_and_never_calls_twilio(
 
 # Twilio answer -> the status the caller gets (the status table of interface.md).
 TWILIO_ANSWERS = [
-    ({"status": 400, "code": 20001, "message": "Invalid AddressSid"}, grpc.StatusCode.INVALID_ARGUMENT),
-    ({"status": 422, "code": 45745, "message": "Invalid parameters"}, grpc.StatusCode.INVALID_ARGUMENT),
+    (
+        {"status": 400, "code": 20001, "message": "Invalid AddressSid"},
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    (
+        {"status": 422, "code": 45745, "message": "Invalid parameters"},
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
     ({"status": 401, "code": 20003, "message": "Authenticate"}, grpc.StatusCode.INTERNAL),
-    ({"status": 403, "code": 45741, "message": "Account not authorized"}, grpc.StatusCode.PERMISSION_DENIED),
-    ({"status": 404, "code": 20404, "message": "The requested resource was not found"}, grpc.StatusCode.NOT_FOUND),
+    (
+        {"status": 403, "code": 45741, "message": "Account not authorized"},
+        grpc.StatusCode.PERMISSION_DENIED,
+    ),
+    (
+        {"status": 404, "code": 20404, "message": "The requested resource was not found"},
+        grpc.StatusCode.NOT_FOUND,
+    ),
 ]
 
 
-@pytest.mark.parametrize(("answer", "expected"), TWILIO_ANSWERS, ids=lambda v: str(getattr(v, "name", v)))
+@pytest.mark.parametrize(
+    ("answer", "expected"), TWILIO_ANSWERS, ids=lambda v: str(getattr(v, "name", v))
+)
 def test_twilio_errors_map_to_the_status_table_without_retry(
     facade: FacadeProcess, upstream: EmulatorProcess, answer: dict, expected: grpc.StatusCode
 ) -> None:
@@ -120,14 +146,18 @@ def test_refused_requests_are_retried_then_reported_with_retry_info(
     assert [r["status"] for r in upstream.requests()] == [status] * 3
 
 
-def test_a_refused_request_succeeds_on_retry(facade: FacadeProcess, upstream: EmulatorProcess) -> None:
+def test_a_refused_request_succeeds_on_retry(
+    facade: FacadeProcess, upstream: EmulatorProcess
+) -> None:
     upstream.fault({"status": 503}, {"status": 429, "retry_after": "0"})
     reply = facade.create()
     assert CONVERSATION_SID.fullmatch(reply.conversation_sid)
     assert [r["status"] for r in upstream.requests()] == [503, 429, 201]
 
 
-@pytest.mark.parametrize("fault", [{"status": 500}, {"status": 502}, {"status": 504}, {"drop": True}])
+@pytest.mark.parametrize(
+    "fault", [{"status": 500}, {"status": 502}, {"status": 504}, {"drop": True}]
+)
 def test_ambiguous_failures_are_not_retried_without_request_id(
     facade: FacadeProcess, upstream: EmulatorProcess, fault: dict
 ) -> None:
@@ -158,7 +188,9 @@ def test_server_setting_allows_ambiguous_retries(make_facade, upstream: Emulator
     assert [r["status"] for r in upstream.requests()] == [500, 201]
 
 
-def test_unusable_success_body_is_internal_not_ok(facade: FacadeProcess, upstream: EmulatorProcess) -> None:
+def test_unusable_success_body_is_internal_not_ok(
+    facade: FacadeProcess, upstream: EmulatorProcess
+) -> None:
     upstream.fault({"status": 201, "body": '{"conversation_sid": "CH123", "identity": "x"}'})
     with pytest.raises(grpc.RpcError) as caught:
         facade.create()
@@ -167,7 +199,9 @@ def test_unusable_success_body_is_internal_not_ok(facade: FacadeProcess, upstrea
     assert "conversation_sid" in details["message"]
 
 
-def test_non_json_error_body_is_still_mapped(facade: FacadeProcess, upstream: EmulatorProcess) -> None:
+def test_non_json_error_body_is_still_mapped(
+    facade: FacadeProcess, upstream: EmulatorProcess
+) -> None:
     upstream.fault({"status": 404, "body": "<html>Not Found</html>"})
     with pytest.raises(grpc.RpcError) as caught:
         facade.create()

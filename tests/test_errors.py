@@ -34,14 +34,20 @@ def detail_types(status) -> set[str]:
     ],
 )
 def test_upstream_errors(http_status: int, code: int, retry_info: bool) -> None:
-    error = UpstreamError(http_status, "msg", twilio_code=20000 + http_status, more_info="https://x", retry_after=3)
+    error = UpstreamError(
+        http_status, "msg", twilio_code=20000 + http_status, more_info="https://x", retry_after=3
+    )
     status = to_status(error)
     assert status.code == code
     assert status.message == "Twilio: msg"
     info = error_details_pb2.ErrorInfo()
     status.details[0].Unpack(info)
     assert info.domain == "flex-api.twilio.com"
-    assert dict(info.metadata) == {"twilio_code": str(20000 + http_status), "http_status": str(http_status), "more_info": "https://x"}
+    assert dict(info.metadata) == {
+        "twilio_code": str(20000 + http_status),
+        "http_status": str(http_status),
+        "more_info": "https://x",
+    }
     assert ("RetryInfo" in detail_types(status)) == retry_info
     if retry_info:
         delay = error_details_pb2.RetryInfo()
@@ -52,7 +58,11 @@ def test_upstream_errors(http_status: int, code: int, retry_info: bool) -> None:
 @pytest.mark.parametrize(
     ("error", "code", "details"),
     [
-        (UpstreamUnreachable("ConnectError", maybe_processed=False), code_pb2.UNAVAILABLE, {"ErrorInfo", "RetryInfo"}),
+        (
+            UpstreamUnreachable("ConnectError", maybe_processed=False),
+            code_pb2.UNAVAILABLE,
+            {"ErrorInfo", "RetryInfo"},
+        ),
         (UpstreamBadResponse(201, "not JSON"), code_pb2.INTERNAL, {"ErrorInfo"}),
         (RateLimitExceeded(2.5), code_pb2.RESOURCE_EXHAUSTED, {"ErrorInfo", "RetryInfo"}),
         (DeadlineExceeded("late"), code_pb2.DEADLINE_EXCEEDED, set()),

@@ -71,7 +71,12 @@ def create(client: FlexClient, retry_ambiguous: bool = False, seconds: float = 3
 
 
 def twilio_error(status: int, code: int, **headers: str) -> httpx.Response:
-    body = {"code": code, "message": f"error {code}", "more_info": f"https://www.twilio.com/docs/errors/{code}", "status": status}
+    body = {
+        "code": code,
+        "message": f"error {code}",
+        "more_info": f"https://www.twilio.com/docs/errors/{code}",
+        "status": status,
+    }
     return httpx.Response(status, json=body, headers=headers)
 
 
@@ -114,7 +119,9 @@ async def test_minimal_request_omits_empty_fields_and_header() -> None:
 
 
 # (answers, retry_ambiguous) -> (attempts, outcome)
-RETRY_CASES: list[tuple[str, list[Callable[[], httpx.Response | Exception]], bool, int, type | None]] = [
+RETRY_CASES: list[
+    tuple[str, list[Callable[[], httpx.Response | Exception]], bool, int, type | None]
+] = [
     ("503 then ok", [lambda: twilio_error(503, 20503)], False, 2, None),
     ("429 then ok", [lambda: twilio_error(429, 20429)], False, 2, None),
     ("connect error then ok", [lambda: httpx.ConnectError("refused")], False, 2, None),
@@ -122,8 +129,20 @@ RETRY_CASES: list[tuple[str, list[Callable[[], httpx.Response | Exception]], boo
     ("500 not retried", [lambda: twilio_error(500, 20500)], False, 1, UpstreamError),
     ("502 not retried", [lambda: twilio_error(502, 20500)], False, 1, UpstreamError),
     ("504 not retried", [lambda: twilio_error(504, 20500)], False, 1, UpstreamError),
-    ("read timeout not retried", [lambda: httpx.ReadTimeout("slow")], False, 1, UpstreamUnreachable),
-    ("reset after send not retried", [lambda: httpx.RemoteProtocolError("closed")], False, 1, UpstreamUnreachable),
+    (
+        "read timeout not retried",
+        [lambda: httpx.ReadTimeout("slow")],
+        False,
+        1,
+        UpstreamUnreachable,
+    ),
+    (
+        "reset after send not retried",
+        [lambda: httpx.RemoteProtocolError("closed")],
+        False,
+        1,
+        UpstreamUnreachable,
+    ),
     ("500 retried when allowed", [lambda: twilio_error(500, 20500)], True, 2, None),
     ("read timeout retried when allowed", [lambda: httpx.ReadTimeout("slow")], True, 2, None),
     ("400 never retried", [lambda: twilio_error(400, 20001)], True, 1, UpstreamError),
@@ -133,7 +152,11 @@ RETRY_CASES: list[tuple[str, list[Callable[[], httpx.Response | Exception]], boo
 ]
 
 
-@pytest.mark.parametrize(("name", "answers", "ambiguous_ok", "attempts", "error"), RETRY_CASES, ids=[c[0] for c in RETRY_CASES])
+@pytest.mark.parametrize(
+    ("name", "answers", "ambiguous_ok", "attempts", "error"),
+    RETRY_CASES,
+    ids=[c[0] for c in RETRY_CASES],
+)
 async def test_retry_classes(name, answers, ambiguous_ok, attempts, error) -> None:
     upstream = Upstream(*[make() for make in answers])
     client = upstream.client()
@@ -211,7 +234,11 @@ async def test_unusable_success_bodies_are_faults(body: str, reason: str) -> Non
         (httpx.Response(400, json={"code": "20001", "message": 7}), None, "Bad Request"),
         (httpx.Response(400, json={"code": True}), None, "Bad Request"),
         (httpx.Response(403, json=["x"]), None, "Forbidden"),
-        (httpx.Response(400, json={"code": 20001, "message": "Invalid AddressSid"}), 20001, "Invalid AddressSid"),
+        (
+            httpx.Response(400, json={"code": 20001, "message": "Invalid AddressSid"}),
+            20001,
+            "Invalid AddressSid",
+        ),
     ],
 )
 async def test_error_bodies_are_parsed_defensively(response, code, message) -> None:
@@ -224,15 +251,23 @@ async def test_error_bodies_are_parsed_defensively(response, code, message) -> N
 
 @pytest.mark.parametrize(
     ("header", "seconds"),
-    [(None, None), ("3", 3.0), ("0.5", 0.5), ("-4", 0.0), ("9999", 60.0), ("soon", None), ("nan", None)],
+    [
+        (None, None),
+        ("3", 3.0),
+        ("0.5", 0.5),
+        ("-4", 0.0),
+        ("9999", 60.0),
+        ("soon", None),
+        ("nan", None),
+    ],
 )
 def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
     assert parse_retry_after(header) == seconds
 
 
 def test_parse_retry_after_http_date() -> None:
-    from email.utils import formatdate
     import time
+    from email.utils import formatdate
 
     seconds = parse_retry_after(formatdate(time.time() + 10, usegmt=True))
     assert seconds is not None and 8 <= seconds <= 10

@@ -15,8 +15,13 @@ GENERATED = ("webchat_pb2.py", "webchat_pb2.pyi", "webchat_pb2_grpc.py")
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
     subprocess.run(
         [
-            sys.executable, "-m", "grpc_tools.protoc", "-Iproto",
-            f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}",
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-Iproto",
+            f"--python_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
             "proto/flexwebchat/v1/webchat.proto",
         ],
         check=True,

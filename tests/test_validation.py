@@ -23,12 +23,20 @@ def violations(**fields: str) -> dict[str, str]:
 def test_valid_request_passes_through_unchanged() -> None:
     params = validate(
         CreateWebChatRequest(
-            address_sid=SID, chat_friendly_name="Chat", customer_friendly_name="Zoë",
-            pre_engagement_data='{"a": [1, 2]}', ui_version="1.0.0", identity="z",
+            address_sid=SID,
+            chat_friendly_name="Chat",
+            customer_friendly_name="Zoë",
+            pre_engagement_data='{"a": [1, 2]}',
+            ui_version="1.0.0",
+            identity="z",
             request_id="123E4567-E89B-12D3-A456-426614174000",
         )
     )
-    assert (params.address_sid, params.customer_friendly_name, params.ui_version) == (SID, "Zoë", "1.0.0")
+    assert (params.address_sid, params.customer_friendly_name, params.ui_version) == (
+        SID,
+        "Zoë",
+        "1.0.0",
+    )
 
 
 @pytest.mark.parametrize(
@@ -80,7 +88,9 @@ def test_ui_version_must_be_a_header_value(value: str) -> None:
     assert "ui_version" in violations(ui_version=value)
 
 
-@pytest.mark.parametrize("value", ["abc", "123e4567e89b12d3a456426614174000", "{123e4567-e89b-12d3-a456-426614174000}"])
+@pytest.mark.parametrize(
+    "value", ["abc", "123e4567e89b12d3a456426614174000", "{123e4567-e89b-12d3-a456-426614174000}"]
+)
 def test_request_id_must_be_a_uuid(value: str) -> None:
     assert "UUID" in violations(request_id=value)["request_id"]
 

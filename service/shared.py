@@ -1,0 +1,215 @@
+"""The rate limit and idempotency records in Redis, so N replicas behave like one.
+
+Each operation is one atomic command or Lua script, and time comes from the Redis server
+(``TIME``), so replicas with skewed clocks still share one schedule. When Redis cannot be reached
+the facade fails closed: the call gets UNAVAILABLE with RetryInfo (never a hang, never a crash),
+the ``flexwebchat_shared_state_errors`` counter grows and a warning is logged. Degrading to local
+limits would silently multiply the account's rate by the replica count and drop the at-most-once
+guarantee, which is what callers rely on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from service import observability as obs
+from service.config import Settings
+from service.deadline import Deadline
+from service.errors import RateLimitExceeded, SharedStateUnavailable
+from service.idempotency import Record
+from service.ratelimit import Gcra, RateLimiter, Unlimited
+
+log = logging.getLogger("flexwebchat.shared")
+
+SOCKET_TIMEOUT = 0.5  # a Redis that does not answer in this time counts as down
+PREFIX = "flexwebchat"
+
+# The arithmetic of service.ratelimit.Gcra, in microseconds of Redis server time.
+# ARGV: interval, tolerance, longest acceptable wait. Returns the wait, or -1 - wait if refused.
+ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local interval, tolerance = tonumber(ARGV[1]), tonumber(ARGV[2])
+local start = math.max(now, tat - tolerance)
+local wait = start - now
+if wait > tonumber(ARGV[3]) then return -1 - wait end
+local new_tat = math.max(tat, now) + interval
+local idle_ms = math.ceil((new_tat - now) / 1000) + 1000
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', idle_ms)
+return wait
+"""
+# ARGV: tolerance, penalty. Nobody starts before now + penalty.
+PENALIZE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local new_tat = math.max(tat, now + tonumber(ARGV[2]) + tonumber(ARGV[1]))
+local idle_ms = math.ceil((new_tat - now) / 1000) + 1000
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', idle_ms)
+return 0
+"""
+# Idempotency records are JSON; only their owner may refresh, complete or release a pending one.
+REFRESH = """
+local v = redis.call('GET', KEYS[1])
+if v and cjson.decode(v).owner == ARGV[1] and not cjson.decode(v).done then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+COMPLETE = """
+local v = redis.call('GET', KEYS[1])
+if (not v) or cjson.decode(v).owner == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+RELEASE = """
+local v = redis.call('GET', KEYS[1])
+if v and cjson.decode(v).owner == ARGV[1] and not cjson.decode(v).done then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+async def connect_shared_state(settings: Settings) -> tuple[RateLimiter, RedisRecords]:
+    assert settings.redis_url is not None
+    client = aioredis.Redis.from_url(
+        settings.redis_url.reveal(),
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=SOCKET_TIMEOUT,
+        retry_on_timeout=False,
+    )
+    try:
+        await client.ping()
+    except RedisError as exc:
+        obs.SHARED_STATE_ERRORS.inc()
+        log.error(
+            "Redis is unreachable at startup; calls fail with UNAVAILABLE until it is back",
+            extra={"fields": {"error": type(exc).__name__}},
+        )
+    limiter: RateLimiter = Unlimited()
+    if settings.rate_limit_rps > 0:
+        key = f"{PREFIX}:{settings.username}:ratelimit"
+        limiter = RedisRateLimiter(client, key, settings.rate_limit_rps, settings.rate_limit_burst)
+    return limiter, RedisRecords(client)
+
+
+def _unavailable(exc: RedisError) -> SharedStateUnavailable:
+    obs.SHARED_STATE_ERRORS.inc()
+    log.warning("Redis operation failed", extra={"fields": {"error": type(exc).__name__}})
+    return SharedStateUnavailable(type(exc).__name__)
+
+
+class RedisRateLimiter:
+    """One GCRA schedule for every replica."""
+
+    def __init__(self, client: aioredis.Redis, key: str, rate: float, burst: int) -> None:
+        self._client = client
+        self._key = key
+        self._gcra = Gcra(rate, burst)
+        self._acquire = client.register_script(ACQUIRE)
+        self._penalize = client.register_script(PENALIZE)
+
+    async def acquire(self, deadline: Deadline) -> float:
+        args = [_us(self._gcra.interval), _us(self._gcra.tolerance), _us(deadline.remaining())]
+        try:
+            wait_us = int(await self._acquire(keys=[self._key], args=args))
+        except RedisError as exc:
+            raise _unavailable(exc) from None
+        if wait_us < 0:
+            raise RateLimitExceeded(retry_after=(-1 - wait_us) / 1e6)
+        if wait_us:
+            await asyncio.sleep(wait_us / 1e6)
+        return wait_us / 1e6
+
+    async def penalize(self, seconds: float) -> None:
+        try:
+            await self._penalize(keys=[self._key], args=[_us(self._gcra.tolerance), _us(seconds)])
+        except RedisError as exc:
+            raise _unavailable(exc) from None
+
+    async def close(self) -> None:
+        return None  # the client is shared with RedisRecords, which closes it
+
+
+class RedisRecords:
+    """Idempotency records; a pending lock expires unless its owner's heartbeat renews it."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self._refresh = client.register_script(REFRESH)
+        self._complete = client.register_script(COMPLETE)
+        self._release = client.register_script(RELEASE)
+
+    @staticmethod
+    def _key(key: str) -> str:
+        return f"{PREFIX}:idempotency:{key}"
+
+    async def claim(self, key: str, record: Record, lock_seconds: float) -> Record | None:
+        try:
+            # SET NX GET: stores ours if the key is free, else returns what is there; one command.
+            existing = await self._client.set(
+                self._key(key), _encode(record), nx=True, px=_ms(lock_seconds), get=True
+            )
+        except RedisError as exc:
+            raise _unavailable(exc) from None
+        return None if existing is None else _decode(cast(bytes, existing))
+
+    async def refresh(self, key: str, owner: str, lock_seconds: float) -> None:
+        await self._run(self._refresh, key, owner, _ms(lock_seconds))
+
+    async def complete(self, key: str, record: Record, ttl_seconds: float) -> None:
+        await self._run(self._complete, key, record.owner, _encode(record), _ms(ttl_seconds))
+
+    async def release(self, key: str, owner: str) -> None:
+        await self._run(self._release, key, owner)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _run(self, script: Any, key: str, *args: object) -> None:
+        try:
+            await script(keys=[self._key(key)], args=list(args))
+        except RedisError as exc:
+            raise _unavailable(exc) from None
+
+
+def _encode(record: Record) -> str:
+    return json.dumps(
+        {
+            "fingerprint": record.fingerprint,
+            "owner": record.owner,
+            "done": record.done,
+            "ok": record.ok,
+            "payload": base64.b64encode(record.payload).decode(),
+        }
+    )
+
+
+def _decode(raw: bytes | str) -> Record:
+    data = json.loads(raw)
+    return Record(
+        fingerprint=data["fingerprint"],
+        owner=data["owner"],
+        done=data["done"],
+        ok=data["ok"],
+        payload=base64.b64decode(data["payload"]),
+    )
+
+
+def _us(seconds: float) -> int:
+    return int(seconds * 1e6)
+
+
+def _ms(seconds: float) -> int:
+    return max(int(seconds * 1000), 1)

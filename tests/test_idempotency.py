@@ -1,0 +1,113 @@
+"""IdempotencyStore over in-process records: replay, conflict, coalescing, release, lock expiry."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.deadline import Deadline
+from service.errors import DeadlineExceeded, InvalidRequest, UpstreamUnreachable
+from service.idempotency import IdempotencyStore, LocalRecords, Outcome, Record
+
+
+class Work:
+    def __init__(self, result: bytes = b"chat-1", delay: float = 0.0) -> None:
+        self.calls = 0
+        self.result = result
+        self.delay = delay
+
+    async def __call__(self) -> bytes:
+        self.calls += 1
+        await asyncio.sleep(self.delay)
+        return self.result + str(self.calls).encode()
+
+
+def store(lock: float = 5.0) -> IdempotencyStore:
+    return IdempotencyStore(LocalRecords(), ttl_seconds=60, lock_seconds=lock)
+
+
+async def test_a_retry_returns_the_first_outcome_without_running_again() -> None:
+    ids, work = store(), Work()
+    first = await ids.run("id", "fp", work, Deadline.after(5))
+    second = await ids.run("id", "fp", work, Deadline.after(5))
+    assert first.payload == second.payload == b"chat-11"
+    assert work.calls == 1
+
+
+async def test_the_same_id_with_other_fields_is_invalid_argument() -> None:
+    ids = store()
+    await ids.run("id", "fp", Work(), Deadline.after(5))
+    with pytest.raises(InvalidRequest) as caught:
+        await ids.run("id", "other", Work(), Deadline.after(5))
+    assert caught.value.violations[0][0] == "request_id"
+
+
+async def test_concurrent_duplicates_wait_for_the_one_in_flight() -> None:
+    ids, work = store(), Work(delay=0.2)
+    results = await asyncio.gather(
+        *[ids.run("id", "fp", work, Deadline.after(5)) for _ in range(10)]
+    )
+    assert work.calls == 1
+    assert {r.payload for r in results} == {b"chat-11"}
+
+
+async def test_request_caused_failures_are_stored_and_replayed() -> None:
+    ids = store()
+
+    async def rejected() -> bytes:
+        raise Outcome(b"status-bytes")
+
+    first = await ids.run("id", "fp", rejected, Deadline.after(5))
+    again = await ids.run("id", "fp", Work(), Deadline.after(5))
+    assert (first.ok, again.ok, again.payload) == (False, False, b"status-bytes")
+
+
+async def test_transient_failures_free_the_id_for_a_retry() -> None:
+    ids, work = store(), Work()
+
+    async def unreachable() -> bytes:
+        raise UpstreamUnreachable("ConnectError", maybe_processed=False)
+
+    with pytest.raises(UpstreamUnreachable):
+        await ids.run("id", "fp", unreachable, Deadline.after(5))
+    assert (await ids.run("id", "fp", work, Deadline.after(5))).payload == b"chat-11"
+
+
+async def test_a_cancelled_owner_frees_the_id() -> None:
+    ids, work = store(), Work()
+    task = asyncio.create_task(ids.run("id", "fp", Work(delay=10), Deadline.after(30)))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (await ids.run("id", "fp", work, Deadline.after(5))).payload == b"chat-11"
+
+
+async def test_a_waiter_gives_up_at_its_deadline() -> None:
+    ids = store()
+    owner = asyncio.create_task(ids.run("id", "fp", Work(delay=1), Deadline.after(5)))
+    await asyncio.sleep(0.05)
+    with pytest.raises(DeadlineExceeded, match="still in progress"):
+        await ids.run("id", "fp", Work(), Deadline.after(0.2))
+    await owner
+
+
+async def test_a_dead_owners_lock_expires() -> None:
+    records = LocalRecords()
+    ids = IdempotencyStore(records, ttl_seconds=60, lock_seconds=0.3)
+    # A pending record whose owner died: nobody renews it.
+    await records.claim("id", Record(fingerprint="fp", owner="dead-replica"), 0.3)
+    work = Work()
+    result = await ids.run("id", "fp", work, Deadline.after(5))
+    assert (result.payload, work.calls) == (b"chat-11", 1)
+
+
+async def test_a_live_owners_heartbeat_keeps_its_lock() -> None:
+    ids, work = store(lock=0.6), Work()
+    slow = Work(delay=1.5)  # longer than the lock: only the heartbeat keeps it
+    owner = asyncio.create_task(ids.run("id", "fp", slow, Deadline.after(5)))
+    await asyncio.sleep(1.0)
+    waiter = await ids.run("id", "fp", work, Deadline.after(5))
+    assert work.calls == 0 and slow.calls == 1
+    assert waiter.payload == (await owner).payload

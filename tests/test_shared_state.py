@@ -1,0 +1,184 @@
+"""Two facade replicas, one Redis, one emulator: one rate budget, one conversation per request_id.
+
+Also one replica without Redis, whose in-process limiter gives the same guarantees alone.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from conftest import (
+    EmulatorProcess,
+    FacadeProcess,
+    RedisProcess,
+    rich_status,
+    start_redis,
+    stop_process,
+)
+
+RATE, BURST = 5, 1
+
+
+def max_in_any_window(times: list[float], window: float = 1.0) -> int:
+    times = sorted(times)
+    return max(sum(1 for t in times[i:] if t < start + window) for i, start in enumerate(times))
+
+
+def burst(facades: list[FacadeProcess], count: int, timeout: float = 20) -> list:
+    def call(i: int):
+        try:
+            return facades[i % len(facades)].create(timeout=timeout)
+        except grpc.RpcError as error:
+            return error
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(call, range(count)))
+
+
+@pytest.fixture
+def replicas(
+    make_facade, upstream: EmulatorProcess, redis_server: RedisProcess
+) -> list[FacadeProcess]:
+    env = {
+        "REDIS_URL": redis_server.url,
+        "FLEX_RATE_LIMIT_RPS": str(RATE),
+        "IDEMPOTENCY_LOCK_SECONDS": "1",
+    }
+    return [make_facade(upstream.url, **env), make_facade(upstream.url, **env)]
+
+
+def test_replicas_share_one_rate_budget(
+    replicas: list[FacadeProcess], upstream: EmulatorProcess
+) -> None:
+    results = burst(replicas, 30)
+
+    failures = [r for r in results if isinstance(r, grpc.RpcError)]
+    assert failures == []
+    seen = upstream.requests()
+    assert len(seen) == 30
+    assert all(r["status"] == 201 for r in seen), "no 429 reached the emulator"
+    assert max_in_any_window([r["time"] for r in seen]) <= RATE + BURST
+
+
+def test_single_replica_without_redis_queues_instead_of_429(
+    make_facade, upstream: EmulatorProcess
+) -> None:
+    facade = make_facade(upstream.url)
+    results = burst([facade], 30)
+    assert [r for r in results if isinstance(r, grpc.RpcError)] == []
+    seen = upstream.requests()
+    assert [r["status"] for r in seen] == [201] * 30
+    assert max_in_any_window([r["time"] for r in seen]) <= RATE + BURST
+
+
+def test_short_deadlines_are_refused_fast_with_retry_info(
+    replicas: list[FacadeProcess], upstream: EmulatorProcess
+) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        backlog = pool.submit(burst, replicas, 15)  # three seconds of queue
+        time.sleep(0.5)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            replicas[1].create(timeout=0.5)
+        elapsed = time.monotonic() - started
+        assert all(not isinstance(r, grpc.RpcError) for r in backlog.result())
+
+    details = rich_status(caught.value)
+    assert details["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details["RetryInfo"].retry_delay.ToTimedelta().total_seconds() > 0.5
+    assert elapsed < 0.3, "refused at once, not after timing out"
+
+
+def test_a_request_id_retried_on_another_replica_returns_the_same_chat(
+    replicas: list[FacadeProcess], upstream: EmulatorProcess
+) -> None:
+    request_id = str(uuid.uuid4())
+    first = replicas[0].create(request_id=request_id, identity="ada")
+    again = replicas[1].create(request_id=request_id, identity="ada")
+    assert (again.conversation_sid, again.identity) == (first.conversation_sid, first.identity)
+    assert len(upstream.requests()) == 1
+
+    with pytest.raises(grpc.RpcError) as caught:
+        replicas[1].create(request_id=request_id, identity="someone-else")
+    details = rich_status(caught.value)
+    assert details["code"] == grpc.StatusCode.INVALID_ARGUMENT
+    assert details["BadRequest"].field_violations[0].field == "request_id"
+
+
+def test_concurrent_duplicates_coalesce_across_replicas(
+    replicas: list[FacadeProcess], upstream: EmulatorProcess
+) -> None:
+    upstream.fault(latency=1.0)
+    request_id = str(uuid.uuid4())
+
+    def call(i: int):
+        return replicas[i % 2].create(request_id=request_id, timeout=10)
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(call, range(8)))
+    assert len({r.conversation_sid for r in replies}) == 1
+    assert len(upstream.requests()) == 1
+
+
+def test_a_stored_rejection_is_replayed_not_resent(
+    replicas: list[FacadeProcess], upstream: EmulatorProcess
+) -> None:
+    upstream.fault({"status": 404, "code": 20404, "message": "Address not found"})
+    request_id = str(uuid.uuid4())
+    codes = []
+    for facade in replicas:
+        with pytest.raises(grpc.RpcError) as caught:
+            facade.create(request_id=request_id)
+        codes.append((caught.value.code(), caught.value.details()))
+    assert codes[0] == codes[1] == (grpc.StatusCode.NOT_FOUND, "Twilio: Address not found")
+    assert len(upstream.requests()) == 1
+
+
+def test_a_replica_killed_mid_request_does_not_block_the_id(
+    replicas: list[FacadeProcess], upstream: EmulatorProcess
+) -> None:
+    upstream.fault({"latency": 3.0, "drop": True})  # the doomed replica's request hangs, then dies
+    request_id = str(uuid.uuid4())
+    with ThreadPoolExecutor(1) as pool:
+        doomed = pool.submit(replicas[0].create, request_id=request_id, timeout=10)
+        time.sleep(0.5)
+        replicas[0].proc.send_signal(signal.SIGKILL)
+        with pytest.raises(grpc.RpcError):
+            doomed.result()
+    # The lock (IDEMPOTENCY_LOCK_SECONDS=1) expires with nobody renewing it; then B runs the id.
+    started = time.monotonic()
+    reply = replicas[1].create(request_id=request_id, timeout=10)
+    assert reply.conversation_sid.startswith("CH")
+    assert time.monotonic() - started < 3
+    assert [r["status"] for r in upstream.requests()][-1] == 201
+
+
+def test_redis_down_fails_closed_fast_and_recovers(make_facade, upstream: EmulatorProcess) -> None:
+    redis = start_redis()
+    try:
+        facade = make_facade(upstream.url, REDIS_URL=redis.url)
+        facade.create(request_id=str(uuid.uuid4()))
+        stop_process(redis.proc)
+
+        for fields in ({}, {"request_id": str(uuid.uuid4())}):
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                facade.create(timeout=10, **fields)
+            assert time.monotonic() - started < 3, "no hang"
+            details = rich_status(caught.value)
+            assert details["code"] == grpc.StatusCode.UNAVAILABLE
+            assert "Redis" in details["message"] and "RetryInfo" in details
+        assert facade.proc.poll() is None, "no crash"
+        assert len(upstream.requests()) == 1, "nothing reached Twilio without the shared limit"
+        metrics = __import__("httpx").get(f"http://127.0.0.1:{facade.metrics_port}/metrics").text
+        assert "flexwebchat_shared_state_errors_total" in metrics
+
+        redis = start_redis(port=redis.port)
+        assert facade.create().conversation_sid.startswith("CH")
+    finally:
+        stop_process(redis.proc)
