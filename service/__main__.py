@@ -13,11 +13,11 @@ from service.server import serve
 def main() -> int:
     try:
         settings = Settings.from_env()
+        configure_logging(settings.log_level, settings.log_format)
+        asyncio.run(serve(settings))
     except ConfigError as exc:
         print(f"flexwebchat: refusing to start: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
     return 0
 
 

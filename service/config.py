@@ -67,6 +67,7 @@ class Settings:
     grpc_host: str = "[::]"
     grpc_port: int = 50051
     metrics_port: int = 9464
+    health_port: int = 0
     log_level: str = "INFO"
     log_format: str = "json"
     shutdown_delay: float = 5.0
@@ -103,6 +104,7 @@ class Settings:
             grpc_host=reader.text("GRPC_HOST") or "[::]",
             grpc_port=reader.port("GRPC_PORT", 50051),
             metrics_port=reader.port("METRICS_PORT", 9464),
+            health_port=reader.port("HEALTH_PORT", 0),
             log_level=reader.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             log_format=reader.choice("LOG_FORMAT", "json", ("json", "console")),
             shutdown_delay=reader.number("SHUTDOWN_DELAY_SECONDS", 5.0, minimum=0.0),

@@ -10,6 +10,7 @@ Exception tree::
     ├── RateLimitExceeded            the account-wide budget cannot fit the deadline
     ├── DeadlineExceeded             the caller's deadline (or the server maximum) ran out
     ├── SharedStateUnavailable       Redis (shared limits, idempotency) cannot be reached
+    ├── Unauthenticated              caller auth is on and the call has no valid token
     └── ReplayedError                a stored outcome of an earlier call with the same request_id
 
 Servicer code raises these; :func:`to_status` is the only place that builds statuses.
@@ -96,6 +97,10 @@ class SharedStateUnavailable(FacadeError):
         super().__init__(f"shared state (Redis) unavailable: {reason}")
 
 
+class Unauthenticated(FacadeError):
+    """Caller authentication is on and the call did not prove who it is."""
+
+
 class ReplayedError(FacadeError):
     """The stored failure of the first call with this request_id, returned again as it was."""
 
@@ -166,6 +171,8 @@ def to_status(exc: BaseException) -> status_pb2.Status:
         case SharedStateUnavailable():
             info = _error_info("SHARED_STATE_UNAVAILABLE", FACADE_DOMAIN, {})
             return _status(code_pb2.UNAVAILABLE, str(exc), info, _retry_info(None))
+        case Unauthenticated():
+            return _status(code_pb2.UNAUTHENTICATED, str(exc))
         case _:
             return _status(code_pb2.INTERNAL, "internal error")
 

@@ -12,6 +12,7 @@ import grpc
 from grpc_status import rpc_status
 
 from service import observability as obs
+from service.auth import CallerTokens
 from service.errors import FacadeError, to_status
 
 log = logging.getLogger("flexwebchat.rpc")
@@ -26,12 +27,12 @@ Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Wraps the facade's unary methods; health and reflection pass through untouched.
 
-    ``authenticate`` (optional) maps the call's metadata to the caller's name, raising
-    FacadeError when the caller is not allowed.
+    With ``tokens``, every call must carry a known bearer token, whose name is the caller; else
+    the caller is the client certificate's common name under mutual TLS, or "anonymous".
     """
 
-    def __init__(self, authenticate: Callable[[dict[str, str]], str] | None = None) -> None:
-        self._authenticate = authenticate
+    def __init__(self, tokens: CallerTokens | None = None) -> None:
+        self._tokens = tokens
 
     async def intercept_service(
         self,
@@ -61,8 +62,10 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             obs.RPCS_IN_FLIGHT.inc()
             code, message = "OK", ""
             try:
-                if self._authenticate is not None:
-                    record.caller = self._authenticate(metadata)
+                if self._tokens is not None:
+                    record.caller = self._tokens.caller(metadata)
+                else:
+                    record.caller = _certificate_name(context) or record.caller
                 return await behavior(request, context)
             except FacadeError as exc:
                 status = to_status(exc)
@@ -84,6 +87,11 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             raise AssertionError("unreachable: abort_with_status raises")
 
         return observed
+
+
+def _certificate_name(context: grpc.aio.ServicerContext) -> str:
+    names = context.auth_context().get("x509_common_name") or []
+    return names[0].decode(errors="replace") if names else ""
 
 
 def _trace_id(metadata: dict[str, str]) -> str:

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from service.auth import CallerTokens, server_credentials
 from service.config import Settings
 from service.flex import FlexClient, new_http_client
 from service.idempotency import IdempotencyStore, LocalRecords, RecordBackend
@@ -39,11 +40,14 @@ class Facade:
     limiter: RateLimiter
     records: RecordBackend
     port: int
+    health_server: grpc.aio.Server | None = None
     metrics: Any = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Facade:
         """Builds and starts everything; call inside the running event loop."""
+        credentials = server_credentials(settings)
+        tokens = CallerTokens(settings.auth_tokens_file) if settings.auth_tokens_file else None
         http = new_http_client(settings)
         limiter, records = await _state(settings)
         idempotency = IdempotencyStore(
@@ -52,7 +56,7 @@ class Facade:
         servicer = WebChatServicer(FlexClient(http, settings, limiter), idempotency, settings)
 
         server = grpc.aio.server(
-            interceptors=[RpcObserver()],
+            interceptors=[RpcObserver(tokens)],
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=_channel_options(settings),
         )
@@ -62,10 +66,22 @@ class Facade:
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-        port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        address = f"{settings.grpc_host}:{settings.grpc_port}"
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, SERVING)
+        health_server = None
+        if settings.health_port:
+            # The kubelet's gRPC probe speaks plaintext only: with TLS on, health is served
+            # (and nothing else) on this port too.
+            health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+            health_server.add_insecure_port(f"{settings.grpc_host}:{settings.health_port}")
+            await health_server.start()
 
         metrics = None
         if settings.metrics_port:
@@ -75,6 +91,9 @@ class Facade:
             extra={
                 "fields": {
                     "grpc_port": port,
+                    "tls": "mutual" if settings.tls_client_ca_file else bool(credentials),
+                    "caller_tokens": tokens is not None,
+                    "health_port": settings.health_port or None,
                     "metrics_port": settings.metrics_port or None,
                     "upstream": settings.base_url,
                     "rate_limit_rps": settings.rate_limit_rps,
@@ -82,7 +101,9 @@ class Facade:
                 }
             },
         )
-        return cls(settings, server, health_servicer, http, limiter, records, port, metrics)
+        return cls(
+            settings, server, health_servicer, http, limiter, records, port, health_server, metrics
+        )
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING at once, keep serving while endpoints update, let in-flight RPCs
@@ -91,6 +112,8 @@ class Facade:
         log.info("draining", extra={"fields": {"delay_s": self.settings.shutdown_delay}})
         await asyncio.sleep(self.settings.shutdown_delay)
         await self.server.stop(grace=self.settings.shutdown_grace)
+        if self.health_server is not None:
+            await self.health_server.stop(grace=None)
         await self.http.aclose()
         await self.limiter.close()
         await self.records.close()

@@ -1,0 +1,195 @@
+"""Real processes on loopback for tests and benchmarks: the Flex emulator, the facade
+(``python -m service``) and Redis, each on a port picked free at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import redis
+from flexwebchat.v1 import webchat_pb2, webchat_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from emulator.app import ACCOUNT_SID, AUTH_TOKEN
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout
+ADDRESS_SID = "IG" + "0123456789abcdef" * 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_process(
+    proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10
+) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return int(proc.returncode)
+
+
+@dataclass
+class EmulatorProcess:
+    url: str
+    proc: subprocess.Popen[str]
+    control: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.control = httpx.Client(base_url=self.url, timeout=10)
+
+    def requests(self) -> list[dict[str, Any]]:
+        return list(self.control.get("/__emulator/requests").json())
+
+    def fault(self, *faults: dict[str, Any], latency: float | None = None) -> None:
+        spec: dict[str, Any] = {"faults": list(faults)}
+        if latency is not None:
+            spec["latency"] = latency
+        self.control.post("/__emulator/faults", json=spec).raise_for_status()
+
+    def reset(self) -> None:
+        self.control.post("/__emulator/reset").raise_for_status()
+
+
+def start_emulator(rate_limit: float = 5.0) -> EmulatorProcess:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emulator", "--rate-limit", str(rate_limit)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("emulator listening on "), line
+    return EmulatorProcess(url=line.split()[-1], proc=proc)
+
+
+@dataclass
+class FacadeProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+    log_path: Path
+    channel: grpc.Channel = field(init=False)
+    stub: webchat_pb2_grpc.WebChatServiceStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = webchat_pb2_grpc.WebChatServiceStub(self.channel)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def create(self, timeout: float = 10, **fields: Any) -> webchat_pb2.CreateWebChatResponse:
+        fields.setdefault("address_sid", ADDRESS_SID)
+        return self.stub.CreateWebChat(webchat_pb2.CreateWebChatRequest(**fields), timeout=timeout)
+
+    def logs(self) -> str:
+        return self.log_path.read_text()
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.logs().splitlines() if line.startswith("{")]
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.channel.close()
+        return stop_process(self.proc, sig)
+
+
+def facade_env(emulator_url: str, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "FLEX_", "REDIS"))}
+    env.update(
+        TWILIO_ACCOUNT_SID=ACCOUNT_SID,
+        TWILIO_AUTH_TOKEN=AUTH_TOKEN,
+        FLEX_API_BASE_URL=emulator_url,
+        GRPC_HOST="127.0.0.1",
+        GRPC_PORT=str(free_port()),
+        METRICS_PORT=str(free_port()),
+        SHUTDOWN_DELAY_SECONDS="0",
+        SHUTDOWN_GRACE_SECONDS="5",
+        LOG_FORMAT="json",
+        LOG_LEVEL="INFO",
+    )
+    env.update(overrides)
+    return env
+
+
+def start_facade(env: dict[str, str], log_path: Path) -> FacadeProcess:
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service"],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    facade = FacadeProcess(proc, int(env["GRPC_PORT"]), int(env.get("METRICS_PORT", "0")), log_path)
+    # Under TLS the plaintext HEALTH_PORT is what a kubelet (and this wait) probes.
+    probe_port = env.get("HEALTH_PORT") or env["GRPC_PORT"]
+    with grpc.insecure_channel(f"127.0.0.1:{probe_port}") as probe:
+        if wait_until_serving(health_pb2_grpc.HealthStub(probe), proc, timeout=20):
+            return facade
+    facade.stop()
+    raise RuntimeError(f"facade did not become healthy:\n{log_path.read_text()}")
+
+
+def wait_until_serving(health: Any, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return True
+        except grpc.RpcError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
+@dataclass
+class RedisProcess:
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+def start_redis(port: int | None = None) -> RedisProcess:
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is installed by `make system-deps` (Debian package redis-server)"
+    port = port or free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.2).ping()
+            return RedisProcess(port, proc)
+        except redis.RedisError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                stop_process(proc)
+                raise RuntimeError("redis-server did not start") from None
+            time.sleep(0.05)
