@@ -20,10 +20,13 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; \
 	  else echo "redis-server is missing: run 'sudo apt-get install redis-server'" >&2; exit 1; fi; }
 
-# Regenerates the committed Python code from the proto (messages, gRPC stubs, .pyi).
+# Regenerates the committed Python code from the proto: messages, gRPC stubs, and typed .pyi
+# for both (the gRPC one by mypy-protobuf). tests/test_generated_code.py runs this target.
+GENERATED ?= generated
 proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Iproto \
-	  --python_out=generated --grpc_python_out=generated --pyi_out=generated $(PROTO)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(GENERATED) --pyi_out=$(GENERATED) \
+	  --grpc_python_out=$(GENERATED) --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+	  --mypy_grpc_out=$(GENERATED) $(PROTO)
 
 # Runs the facade. Without Twilio credentials it runs against the bundled emulator, and says so.
 run: $(STAMP)

@@ -142,6 +142,6 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         raise ConfigError(f"TLS file {exc.filename} cannot be read: {exc.strerror}") from None
     return grpc.dynamic_ssl_server_credentials(
         certificates.initial,
-        certificates.fetch,
+        certificates.fetch,  # type: ignore[arg-type]  # gRPC documents None as "unchanged"
         require_client_authentication=bool(settings.tls_client_ca_file),
     )

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc_status import rpc_status
@@ -21,10 +21,12 @@ SERVICE_PREFIX = "/flexwebchat.v1."
 TRACE_HEADERS = ("x-request-id", "x-trace-id", "traceparent")
 CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
-Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Context = grpc.aio.ServicerContext[Any, Any]
+Behavior = Callable[[Any, Context], Awaitable[Any]]
+Handler = grpc.RpcMethodHandler[Any, Any]
 
 
-class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class RpcObserver(grpc.aio.ServerInterceptor):
     """Wraps the facade's unary methods; health and reflection pass through untouched.
 
     With ``tokens``, every call must carry a known bearer token, whose name is the caller; else
@@ -36,16 +38,16 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(details)
         if handler is None or not details.method.startswith(SERVICE_PREFIX):
             return handler
         if handler.unary_unary is None:  # pragma: no cover - the API has only unary methods
             return handler
         return grpc.unary_unary_rpc_method_handler(
-            self._observe(details.method, handler.unary_unary),
+            self._observe(details.method, cast(Behavior, handler.unary_unary)),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -53,7 +55,7 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _observe(self, method: str, behavior: Behavior) -> Behavior:
         short = method.rsplit("/", 1)[-1]
 
-        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def observed(request: Any, context: Context) -> Any:
             metadata = {
                 k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)
             }
@@ -89,8 +91,8 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return observed
 
 
-def _certificate_name(context: grpc.aio.ServicerContext) -> str:
-    names = context.auth_context().get("x509_common_name") or []
+def _certificate_name(context: Context) -> str:
+    names = list(context.auth_context().get("x509_common_name") or [])
     return names[0].decode(errors="replace") if names else ""
 
 

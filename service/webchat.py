@@ -26,7 +26,9 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
     async def CreateWebChat(
         self,
         request: webchat_pb2.CreateWebChatRequest,
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[
+            webchat_pb2.CreateWebChatRequest, webchat_pb2.CreateWebChatResponse
+        ],
     ) -> webchat_pb2.CreateWebChatResponse:
         params = validate(request)
         deadline = Deadline.for_call(

@@ -4,29 +4,15 @@ from __future__ import annotations
 
 import filecmp
 import subprocess
-import sys
 from pathlib import Path
 
 from conftest import ROOT
 
-GENERATED = ("webchat_pb2.py", "webchat_pb2.pyi", "webchat_pb2_grpc.py")
+GENERATED = ("webchat_pb2.py", "webchat_pb2.pyi", "webchat_pb2_grpc.py", "webchat_pb2_grpc.pyi")
 
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            "-Iproto",
-            f"--python_out={tmp_path}",
-            f"--grpc_python_out={tmp_path}",
-            f"--pyi_out={tmp_path}",
-            "proto/flexwebchat/v1/webchat.proto",
-        ],
-        check=True,
-        cwd=ROOT,
-    )
+    subprocess.run(["make", "-s", "proto", f"GENERATED={tmp_path}"], check=True, cwd=ROOT)
     committed = ROOT / "generated/flexwebchat/v1"
     for name in GENERATED:
         assert filecmp.cmp(tmp_path / "flexwebchat/v1" / name, committed / name, shallow=False), (
