@@ -109,6 +109,10 @@ class FacadeProcess:
     def log_lines(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.logs().splitlines() if line.startswith("{")]
 
+    def rpc_lines(self) -> list[dict[str, Any]]:
+        """The one log line per RPC."""
+        return [line for line in self.log_lines() if line["msg"] == "rpc"]
+
     def stop(self, sig: int = signal.SIGTERM) -> int:
         self.channel.close()
         return stop_process(self.proc, sig)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 import grpc
 from grpc_status import rpc_status
@@ -21,9 +21,10 @@ SERVICE_PREFIX = "/flexwebchat.v1."
 TRACE_HEADERS = ("x-request-id", "x-trace-id", "traceparent")
 CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
-Context = grpc.aio.ServicerContext[Any, Any]
-Behavior = Callable[[Any, Context], Awaitable[Any]]
-Handler = grpc.RpcMethodHandler[Any, Any]
+# Generic only in the typing stubs, so quoted.
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Behavior: TypeAlias = "Callable[[Any, Context], Awaitable[Any]]"
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 class RpcObserver(grpc.aio.ServerInterceptor):
