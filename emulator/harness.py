@@ -109,9 +109,15 @@ class FacadeProcess:
     def log_lines(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.logs().splitlines() if line.startswith("{")]
 
-    def rpc_lines(self) -> list[dict[str, Any]]:
-        """The one log line per RPC."""
-        return [line for line in self.log_lines() if line["msg"] == "rpc"]
+    def rpc_lines(self, count: int = 1, timeout: float = 3) -> list[dict[str, Any]]:
+        """The one log line per RPC; waits for at least ``count`` (a status can reach the caller
+        a moment before its log line is written)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [line for line in self.log_lines() if line["msg"] == "rpc"]
+            if len(lines) >= count or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.02)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         self.channel.close()
