@@ -27,9 +27,11 @@ from emulator.app import ACCOUNT_SID, AUTH_TOKEN
 from emulator.harness import (
     ADDRESS_SID,
     EmulatorProcess,
+    FacadeProcess,
     facade_env,
     start_emulator,
     start_facade,
+    start_redis,
     stop_process,
 )
 
@@ -138,34 +140,55 @@ def account_limit(workdir: Path) -> list[str]:
         wall = time.perf_counter() - started
         lines.append(burst_row("twilio-python direct, 30 threads", outcomes, wall, emulator))
 
-        time.sleep(1.5)  # let the emulator's bucket refill
-        emulator.reset()
-        facade = start_facade(facade_env(emulator.url, LOG_LEVEL="WARNING"), workdir / "g.log")
+        redis = start_redis()
         try:
-
-            def through_facade(_: int) -> str:
+            for name, replicas, extra in (
+                ("facade, 1 replica, 30 callers", 1, {}),
+                ("facade, 2 replicas + Redis, 30 callers", 2, {"REDIS_URL": redis.url}),
+            ):
+                time.sleep(1.5)  # let the emulator's bucket refill
+                emulator.reset()
+                facades = [
+                    start_facade(
+                        facade_env(emulator.url, LOG_LEVEL="WARNING", **extra),
+                        workdir / f"{replicas}-{i}.log",
+                    )
+                    for i in range(replicas)
+                ]
                 try:
-                    facade.stub.CreateWebChat(REQUEST, timeout=30)
-                    return "ok"
-                except grpc.RpcError as exc:
-                    return exc.code().name
-
-            started = time.perf_counter()
-            with ThreadPoolExecutor(BURST) as pool:
-                outcomes = list(pool.map(through_facade, range(BURST)))
-            wall = time.perf_counter() - started
-            lines.append(burst_row("facade (5/s limit), 30 callers", outcomes, wall, emulator))
+                    outcomes, wall = facade_burst(facades)
+                finally:
+                    for facade in facades:
+                        facade.stop()
+                lines.append(burst_row(name, outcomes, wall, emulator))
         finally:
-            facade.stop()
+            stop_process(redis.proc)
     finally:
         stop_process(emulator.proc)
     return lines
 
 
+def facade_burst(facades: list[FacadeProcess]) -> tuple[list[str], float]:
+    def call(i: int) -> str:
+        try:
+            facades[i % len(facades)].stub.CreateWebChat(REQUEST, timeout=30)
+            return "ok"
+        except grpc.RpcError as exc:
+            return exc.code().name
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(BURST) as pool:
+        outcomes = list(pool.map(call, range(BURST)))
+    return outcomes, time.perf_counter() - started
+
+
 def burst_row(name: str, outcomes: list[str], wall: float, emulator: EmulatorProcess) -> str:
     ok = outcomes.count("ok")
-    seen_429 = sum(1 for r in emulator.requests() if r["status"] == 429)
-    return f"{name:<44} {ok:>5}/{len(outcomes)} {seen_429:>10} {wall:9.2f}"
+    seen = emulator.requests()
+    seen_429 = sum(1 for r in seen if r["status"] == 429)
+    times = sorted(r["time"] for r in seen)
+    busiest = max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
+    return f"{name:<44} {ok:>5}/{len(outcomes)} {seen_429:>10} {wall:9.2f} {busiest:>9}"
 
 
 def main() -> None:
@@ -180,7 +203,7 @@ def main() -> None:
         print("   CPU ms: per call, of the facade process (facade rows) or of the calling process")
         print()
         print("2. 30 simultaneous chats against Twilio's limit of 5 requests/second")
-        print(f"{'':<44} {'created':>9} {'429s sent':>10} {'wall s':>9}")
+        print(f"{'':<44} {'created':>9} {'429s sent':>10} {'wall s':>9} {'max/1s':>9}")
         for line in account_limit(workdir):
             print(line, flush=True)
 

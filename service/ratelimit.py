@@ -2,7 +2,8 @@
 
 Each upstream attempt reserves the next free slot in arrival order, so waiting is fair FIFO. A
 request whose slot lies beyond its deadline is refused at once with RateLimitExceeded rather than
-timing out later. A 429 from Twilio pushes the next slot back for every caller (``penalize``).
+timing out later. A 429 from Twilio pushes the next slot back for every caller (``penalize``),
+including those already waiting for a slot: they wake, see the pause, and take a new slot after it.
 
 ``LocalRateLimiter`` holds the schedule in this process; ``service.shared.RedisRateLimiter`` holds
 it in Redis so that every replica draws from one budget.
@@ -75,21 +76,29 @@ class LocalRateLimiter:
     ) -> None:
         self._gcra = Gcra(rate_per_second, burst)
         self._tat = 0.0
+        self._pauses = 0  # how many 429 pauses so far
         self._clock = clock
         self._sleep = sleep
 
     async def acquire(self, deadline: Deadline) -> float:
-        now = self._clock()
-        wait, tat = self._gcra.reserve(self._tat, now)
-        if wait > deadline.remaining():
-            raise RateLimitExceeded(retry_after=wait)
-        self._tat = tat
-        if wait > 0:
+        waited = 0.0
+        while True:
+            pauses = self._pauses
+            wait, tat = self._gcra.reserve(self._tat, self._clock())
+            if wait > deadline.remaining():
+                raise RateLimitExceeded(retry_after=wait)
+            self._tat = tat
+            if wait <= 0:
+                return waited
             await self._sleep(wait)
-        return wait
+            waited += wait
+            if self._pauses == pauses:
+                return waited
+            # Twilio answered 429 while this request waited: queue again, after the pause.
 
     async def penalize(self, seconds: float) -> None:
         self._tat = self._gcra.penalized(self._tat, self._clock(), seconds)
+        self._pauses += 1
 
     async def close(self) -> None:
         return None

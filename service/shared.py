@@ -32,7 +32,8 @@ SOCKET_TIMEOUT = 0.5  # a Redis that does not answer in this time counts as down
 PREFIX = "flexwebchat"
 
 # The arithmetic of service.ratelimit.Gcra, in microseconds of Redis server time.
-# ARGV: interval, tolerance, longest acceptable wait. Returns the wait, or -1 - wait if refused.
+# KEYS: schedule, pause counter. ARGV: interval, tolerance, longest acceptable wait.
+# Returns {wait, pauses}, or {-1 - wait, pauses} if refused.
 ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -40,13 +41,14 @@ local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 local interval, tolerance = tonumber(ARGV[1]), tonumber(ARGV[2])
 local start = math.max(now, tat - tolerance)
 local wait = start - now
-if wait > tonumber(ARGV[3]) then return -1 - wait end
+local pauses = tonumber(redis.call('GET', KEYS[2]) or '0')
+if wait > tonumber(ARGV[3]) then return {-1 - wait, pauses} end
 local new_tat = math.max(tat, now) + interval
 local idle_ms = math.ceil((new_tat - now) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', idle_ms)
-return wait
+return {wait, pauses}
 """
-# ARGV: tolerance, penalty. Nobody starts before now + penalty.
+# KEYS: schedule, pause counter. ARGV: tolerance, penalty. Nobody starts before now + penalty.
 PENALIZE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -54,6 +56,7 @@ local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 local new_tat = math.max(tat, now + tonumber(ARGV[2]) + tonumber(ARGV[1]))
 local idle_ms = math.ceil((new_tat - now) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', idle_ms)
+redis.call('INCR', KEYS[2])
 return 0
 """
 # Idempotency records are JSON; only their owner may refresh, complete or release a pending one.
@@ -115,26 +118,36 @@ class RedisRateLimiter:
 
     def __init__(self, client: aioredis.Redis, key: str, rate: float, burst: int) -> None:
         self._client = client
-        self._key = key
+        self._keys = [key, f"{key}:pauses"]
         self._gcra = Gcra(rate, burst)
         self._acquire = client.register_script(ACQUIRE)
         self._penalize = client.register_script(PENALIZE)
 
     async def acquire(self, deadline: Deadline) -> float:
-        args = [_us(self._gcra.interval), _us(self._gcra.tolerance), _us(deadline.remaining())]
-        try:
-            wait_us = int(await self._acquire(keys=[self._key], args=args))
-        except RedisError as exc:
-            raise _unavailable(exc) from None
-        if wait_us < 0:
-            raise RateLimitExceeded(retry_after=(-1 - wait_us) / 1e6)
-        if wait_us:
+        waited: float = 0.0
+        while True:
+            args = [_us(self._gcra.interval), _us(self._gcra.tolerance), _us(deadline.remaining())]
+            try:
+                wait_us, pauses = await self._acquire(keys=self._keys, args=args)
+            except RedisError as exc:
+                raise _unavailable(exc) from None
+            if wait_us < 0:
+                raise RateLimitExceeded(retry_after=(-1 - wait_us) / 1e6)
+            if wait_us == 0:
+                return waited
             await asyncio.sleep(wait_us / 1e6)
-        return wait_us / 1e6
+            waited += wait_us / 1e6
+            try:
+                if int(await self._client.get(self._keys[1]) or 0) == pauses:
+                    return waited
+            except RedisError as exc:
+                raise _unavailable(exc) from None
+            # Twilio answered 429 while this request waited: queue again, after the pause.
 
     async def penalize(self, seconds: float) -> None:
+        args = [_us(self._gcra.tolerance), _us(seconds)]
         try:
-            await self._penalize(keys=[self._key], args=[_us(self._gcra.tolerance), _us(seconds)])
+            await self._penalize(keys=self._keys, args=args)
         except RedisError as exc:
             raise _unavailable(exc) from None
 

@@ -65,3 +65,21 @@ async def test_idle_time_does_not_bank_more_than_the_burst() -> None:
     clock.now += 3600
     waits = [await lim.acquire(Deadline.after(60)) for _ in range(3)]
     assert waits == pytest.approx([0, 0, 0.2])
+
+
+async def test_requests_already_waiting_queue_again_after_a_429() -> None:
+    clock = FakeClock()
+    lim = limiter(clock)
+    await lim.acquire(Deadline.after(60))  # slot at 0: sent, and answered 429
+    real_sleep = clock.sleep
+
+    async def sleep_through_a_429(seconds: float) -> None:
+        await real_sleep(seconds)
+        clock.now += seconds
+        if len(clock.sleeps) == 1:
+            await lim.penalize(2.0)  # arrives while the second request waits for its slot
+
+    lim._sleep = sleep_through_a_429
+    waited = await lim.acquire(Deadline.after(60))
+    assert clock.sleeps == pytest.approx([0.2, 2.0])  # its old slot, then a new one after the pause
+    assert waited == pytest.approx(2.2)

@@ -182,3 +182,17 @@ def test_redis_down_fails_closed_fast_and_recovers(make_facade, upstream: Emulat
         assert facade.create().conversation_sid.startswith("CH")
     finally:
         stop_process(redis.proc)
+
+
+def test_a_429_slows_every_replica_down(
+    replicas: list[FacadeProcess], upstream: EmulatorProcess
+) -> None:
+    upstream.fault({"status": 429, "code": 20429, "retry_after": "1.5"})
+    results = burst(replicas, 4)
+    assert [r for r in results if isinstance(r, grpc.RpcError)] == []
+    seen = upstream.requests()
+    refused = [r["time"] for r in seen if r["status"] == 429]
+    later = [r["time"] for r in seen if r["status"] == 201]
+    assert len(refused) == 1 and len(later) == 4
+    # After Twilio's 429 nobody, on either replica, sent anything for Retry-After seconds.
+    assert min(later) - refused[0] >= 1.4
