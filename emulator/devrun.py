@@ -41,12 +41,15 @@ def main() -> int:
         TWILIO_AUTH_TOKEN=AUTH_TOKEN,
         FLEX_API_BASE_URL=url,
         LOG_FORMAT=os.environ.get("LOG_FORMAT", "console"),
+        # No load balancer to drain from on a laptop: stop at once on Ctrl-C.
+        SHUTDOWN_DELAY_SECONDS=os.environ.get("SHUTDOWN_DELAY_SECONDS", "0"),
     )
     facade = subprocess.Popen([sys.executable, "-m", "service"], env=env)
     signal.signal(signal.SIGTERM, lambda *_: facade.send_signal(signal.SIGTERM))
     try:
         code = facade.wait()
-    except KeyboardInterrupt:  # Ctrl-C reaches both children; wait for the facade's drain
+    except KeyboardInterrupt:  # forwarded in case it reached only us; then wait for the drain
+        facade.send_signal(signal.SIGINT)
         code = facade.wait()
     finally:
         emulator.terminate()

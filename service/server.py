@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from service.auth import CallerTokens, server_credentials
-from service.config import Settings
+from service.config import ConfigError, Settings
 from service.flex import FlexClient, new_http_client
 from service.idempotency import IdempotencyStore, LocalRecords, RecordBackend
 from service.interceptors import RpcObserver
@@ -66,11 +66,22 @@ class Facade:
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
+        metrics = None
+        if settings.metrics_port:
+            try:
+                metrics, _ = start_http_server(settings.metrics_port)
+            except OSError as exc:
+                raise ConfigError(f"METRICS_PORT={settings.metrics_port}: {exc.strerror}") from None
         address = f"{settings.grpc_host}:{settings.grpc_port}"
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError:
+            if metrics is not None:
+                metrics.shutdown()
+            raise ConfigError(f"GRPC_PORT: cannot listen on {address} (in use?)") from None
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, SERVING)
@@ -83,9 +94,6 @@ class Facade:
             health_server.add_insecure_port(f"{settings.grpc_host}:{settings.health_port}")
             await health_server.start()
 
-        metrics = None
-        if settings.metrics_port:
-            metrics, _ = start_http_server(settings.metrics_port)
         log.info(
             "serving",
             extra={

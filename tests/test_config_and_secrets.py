@@ -169,3 +169,27 @@ def test_secrets_never_appear_in_logs_or_errors_on_upstream_401(
     authorization = upstream.requests()[0]["headers"]["Authorization"]
     assert authorization.split()[1] not in everything_said
     assert "20003" in facade.logs()  # the failure itself is logged
+
+
+def test_a_port_in_use_is_a_one_line_refusal() -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for variable in ("GRPC_PORT", "METRICS_PORT"):
+            env = facade_env("http://127.0.0.1:1", **{variable: str(port)})
+            result = subprocess.run(
+                [sys.executable, "-m", "service"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd=ROOT,
+            )
+            assert result.returncode == 2
+            # gRPC's C core may log its own bind error first; ours is one line, the last.
+            [line] = [x for x in result.stderr.splitlines() if x.startswith("flexwebchat:")]
+            assert line.startswith("flexwebchat: refusing to start: ") and variable in line
+            assert result.stderr.strip().endswith(line) and "Traceback" not in result.stderr

@@ -1,0 +1,57 @@
+"""`make run` without credentials: the emulator, loudly, and the README's grpcurl lines work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+from conftest import ADDRESS_SID, ROOT, free_port
+from grpc_health.v1 import health_pb2_grpc
+from test_grpcurl import grpcurl
+
+from emulator.harness import wait_until_serving
+
+
+def test_make_run_falls_back_to_the_emulator_loudly_and_serves(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "FLEX_", "REDIS"))}
+    port = free_port()
+    env.update(GRPC_PORT=str(port), METRICS_PORT=str(free_port()))
+    stderr = tmp_path / "stderr"
+    with stderr.open("w") as err:
+        # What `make run` runs (see the Makefile).
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "emulator.devrun"], env=env, cwd=ROOT, stderr=err
+        )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert wait_until_serving(health_pb2_grpc.HealthStub(channel), proc, timeout=20)
+        children = [
+            int(pid)
+            for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        ]
+        assert "NO TWILIO CREDENTIALS" in stderr.read_text() and "EMULATOR" in stderr.read_text()
+
+        body = json.dumps({"address_sid": ADDRESS_SID, "customer_friendly_name": "Ada"})
+        result = grpcurl(
+            "-d", body, f"localhost:{port}", "flexwebchat.v1.WebChatService/CreateWebChat"
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["conversation_sid"].startswith("CH")
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert len(children) == 2
+        for pid in children:  # the emulator and the facade are gone too
+            assert (
+                not Path(f"/proc/{pid}").exists()
+                or "zombie" in Path(f"/proc/{pid}/status").read_text()
+            )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
