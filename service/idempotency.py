@@ -4,9 +4,9 @@ The first call with an id claims it (a *pending* record owned by this call, whos
 keeps alive) and runs; its outcome is stored for the TTL and returned to every later call with the
 same id. Calls arriving while it runs wait for it rather than calling Twilio again. What is stored:
 
-* success, and failures determined by the request itself (Twilio 400/403/404/422): returned again
+* success, and failures determined by the request itself (Twilio 400/404/422): returned again
   as they were, for the whole TTL;
-* everything else (unreachable, 5xx, 429, deadline, the facade's own 401, cancellation): the claim
+* everything else (unreachable, 5xx, 429, deadline, the account's 401/403, cancellation): the claim
   is released, so a retry with the same id runs again. A retry is exactly what those errors ask for.
 
 When the owner dies (a replica killed mid-request), its heartbeat stops and the lock expires after
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -34,8 +35,11 @@ from service import observability as obs
 from service.deadline import Deadline
 from service.errors import DeadlineExceeded, FacadeError, InvalidRequest, UpstreamError
 
+log = logging.getLogger("flexwebchat.idempotency")
+
 POLL_SECONDS = 0.025
-STORED_HTTP_FAILURES = frozenset({400, 403, 404, 422})
+# Rejections of the request's own content; 401 and 403 concern the facade's account instead.
+STORED_HTTP_FAILURES = frozenset({400, 404, 422})
 
 
 @dataclass(frozen=True)
@@ -124,11 +128,9 @@ class IdempotencyStore:
     ) -> Record:
         heartbeat = asyncio.create_task(self._heartbeat(key, mine.owner))
         try:
-            payload = await work()
+            final = replace(mine, done=True, ok=True, payload=await work())
         except Outcome as stored:
             final = replace(mine, done=True, ok=False, payload=stored.payload)
-            await self.backend.complete(key, final, self.ttl)
-            return final
         except BaseException:
             # Transient failure or cancellation: free the id for a retry.
             heartbeat.cancel()
@@ -137,8 +139,15 @@ class IdempotencyStore:
             raise
         finally:
             heartbeat.cancel()
-        final = replace(mine, done=True, ok=True, payload=payload)
-        await self.backend.complete(key, final, self.ttl)
+        try:
+            await self.backend.complete(key, final, self.ttl)
+        except FacadeError as exc:
+            # The chat exists: the caller gets it. Only a later retry with this id, after the
+            # lock expires, could run again; say so rather than hide the conversation.
+            log.error(
+                "could not store the outcome of a request_id; a retry may run it again",
+                extra={"fields": {"request_id": key, "error": str(exc)}},
+            )
         return final
 
     async def _heartbeat(self, key: str, owner: str) -> None:

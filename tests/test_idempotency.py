@@ -111,3 +111,15 @@ async def test_a_live_owners_heartbeat_keeps_its_lock() -> None:
     waiter = await ids.run("id", "fp", work, Deadline.after(5))
     assert work.calls == 0 and slow.calls == 1
     assert waiter.payload == (await owner).payload
+
+
+async def test_a_created_chat_is_returned_even_if_its_record_cannot_be_stored() -> None:
+    from service.errors import SharedStateUnavailable
+
+    class FailingComplete(LocalRecords):
+        async def complete(self, key: str, record: Record, ttl_seconds: float) -> None:
+            raise SharedStateUnavailable("ConnectionError")
+
+    ids = IdempotencyStore(FailingComplete(), ttl_seconds=60, lock_seconds=5)
+    result = await ids.run("id", "fp", Work(), Deadline.after(5))
+    assert (result.ok, result.payload) == (True, b"chat-11")
