@@ -46,6 +46,7 @@ from service.config import Settings
 from service.deadline import Deadline
 from service.errors import (
     DeadlineExceeded,
+    RateLimitExceeded,
     UpstreamBadResponse,
     UpstreamError,
     UpstreamUnreachable,
@@ -155,7 +156,11 @@ class FlexClient:
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
     async def _attempt(self, params: WebChatParams, deadline: Deadline) -> WebChat:
-        waited = await self._limiter.acquire(deadline)
+        try:
+            waited = await self._limiter.acquire(deadline)
+        except RateLimitExceeded:
+            obs.RATE_LIMIT_REFUSED.inc()
+            raise
         obs.RATE_LIMIT_WAIT.observe(waited)
         obs.current_rpc().upstream_attempts += 1
         headers = {"Accept": "application/json", "Accept-Charset": "utf-8"}

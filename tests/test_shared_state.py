@@ -11,6 +11,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import httpx
 import pytest
 from conftest import (
     EmulatorProcess,
@@ -92,6 +93,8 @@ def test_short_deadlines_are_refused_fast_with_retry_info(
     assert details["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert details["RetryInfo"].retry_delay.ToTimedelta().total_seconds() > 0.5
     assert elapsed < 0.3, "refused at once, not after timing out"
+    metrics = httpx.get(f"http://127.0.0.1:{replicas[1].metrics_port}/metrics").text
+    assert "flexwebchat_rate_limit_refused_total 1.0" in metrics
 
 
 def test_a_request_id_retried_on_another_replica_returns_the_same_chat(
@@ -175,7 +178,7 @@ def test_redis_down_fails_closed_fast_and_recovers(make_facade, upstream: Emulat
             assert "Redis" in details["message"] and "RetryInfo" in details
         assert facade.proc.poll() is None, "no crash"
         assert len(upstream.requests()) == 1, "nothing reached Twilio without the shared limit"
-        metrics = __import__("httpx").get(f"http://127.0.0.1:{facade.metrics_port}/metrics").text
+        metrics = httpx.get(f"http://127.0.0.1:{facade.metrics_port}/metrics").text
         assert "flexwebchat_shared_state_errors_total" in metrics
 
         redis = start_redis(port=redis.port)
