@@ -35,7 +35,13 @@ run: $(STAMP)
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest
 
-lint: $(STAMP)
+# buf (proto lint) comes from the npm registry, pinned in package-lock.json.
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+lint: $(STAMP) node_modules/.installed
+	node_modules/.bin/buf lint
 	$(BIN)/ruff check service emulator tests bench
 	$(BIN)/ruff format --check service emulator tests bench
 	$(BIN)/mypy
@@ -44,4 +50,4 @@ bench: $(STAMP) system-deps
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from conftest import EmulatorProcess, free_port, rich_status
 from cryptography import x509
@@ -179,7 +180,7 @@ def test_bearer_tokens_name_the_caller(token_facade, upstream) -> None:
     assert reply.conversation_sid.startswith("CH")
     [line] = facade.rpc_lines()
     assert line["caller"] == "support"
-    metrics = __import__("httpx").get(f"http://127.0.0.1:{facade.metrics_port}/metrics").text
+    metrics = httpx.get(f"http://127.0.0.1:{facade.metrics_port}/metrics").text
     assert (
         'flexwebchat_rpcs_total{caller="support",code="OK",method="CreateWebChat"} 1.0' in metrics
     )
