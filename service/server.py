@@ -72,27 +72,18 @@ class Facade:
                 metrics, _ = start_http_server(settings.metrics_port)
             except OSError as exc:
                 raise ConfigError(f"METRICS_PORT={settings.metrics_port}: {exc.strerror}") from None
-        address = f"{settings.grpc_host}:{settings.grpc_port}"
-        try:
-            if credentials is None:
-                port = server.add_insecure_port(address)
-            else:
-                port = server.add_secure_port(address, credentials)
-        except RuntimeError:
-            if metrics is not None:
-                metrics.shutdown()
-            raise ConfigError(f"GRPC_PORT: cannot listen on {address} (in use?)") from None
-        await server.start()
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, SERVING)
+        port = _listen(server, "GRPC_PORT", settings.grpc_host, settings.grpc_port, credentials)
         health_server = None
         if settings.health_port:
             # The kubelet's gRPC probe speaks plaintext only: with TLS on, health is served
             # (and nothing else) on this port too.
             health_server = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-            health_server.add_insecure_port(f"{settings.grpc_host}:{settings.health_port}")
+            _listen(health_server, "HEALTH_PORT", settings.grpc_host, settings.health_port, None)
             await health_server.start()
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, SERVING)
 
         log.info(
             "serving",
@@ -153,6 +144,22 @@ async def _state(settings: Settings) -> tuple[RateLimiter, RecordBackend]:
         else Unlimited()
     )
     return limiter, LocalRecords()
+
+
+def _listen(
+    server: grpc.aio.Server,
+    variable: str,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None,
+) -> int:
+    address = f"{host}:{port}"
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError:
+        raise ConfigError(f"{variable}: cannot listen on {address} (in use?)") from None
 
 
 def _channel_options(settings: Settings) -> list[tuple[str, int]]:

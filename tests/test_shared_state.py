@@ -92,7 +92,7 @@ def test_short_deadlines_are_refused_fast_with_retry_info(
     details = rich_status(caught.value)
     assert details["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert details["RetryInfo"].retry_delay.ToTimedelta().total_seconds() > 0.5
-    assert elapsed < 0.3, "refused at once, not after timing out"
+    assert elapsed < 0.4, "refused at once, not after its 0.5 s deadline"
     metrics = httpx.get(f"http://127.0.0.1:{replicas[1].metrics_port}/metrics").text
     assert "flexwebchat_rate_limit_refused_total 1.0" in metrics
 
