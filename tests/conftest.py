@@ -41,6 +41,14 @@ def fast_emulator() -> Iterator[EmulatorProcess]:
 
 
 @pytest.fixture
+def unlimited_upstream(fast_emulator: EmulatorProcess) -> Iterator[EmulatorProcess]:
+    """The unlimited emulator, reset before and after (its latency must not leak to others)."""
+    fast_emulator.reset()
+    yield fast_emulator
+    fast_emulator.reset()
+
+
+@pytest.fixture
 def upstream(emulator: EmulatorProcess) -> EmulatorProcess:
     emulator.reset()
     return emulator

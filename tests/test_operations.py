@@ -24,52 +24,46 @@ def health_status(facade: FacadeProcess) -> int:
 
 
 def test_sigterm_drains_in_flight_rpcs_and_exits_zero(
-    make_facade, fast_emulator: EmulatorProcess
+    make_facade, unlimited_upstream: EmulatorProcess
 ) -> None:
-    fast_emulator.reset()
-    fast_emulator.fault(latency=2.0)
+    unlimited_upstream.fault(latency=2.0)
     facade = make_facade(
-        fast_emulator.url,
+        unlimited_upstream.url,
         FLEX_RATE_LIMIT_RPS="0",
         SHUTDOWN_DELAY_SECONDS="1",
         SHUTDOWN_GRACE_SECONDS="10",
     )
-    try:
-        with ThreadPoolExecutor(21) as pool:
-            in_flight = [pool.submit(facade.create, timeout=15) for _ in range(20)]
-            time.sleep(0.5)
-            facade.proc.send_signal(signal.SIGTERM)
-            time.sleep(0.2)
-            assert health_status(facade) == health_pb2.HealthCheckResponse.NOT_SERVING
-            late = pool.submit(facade.create, timeout=15)  # endpoints not updated yet: still served
-            replies = [f.result() for f in in_flight] + [late.result()]
-        assert all(r.conversation_sid.startswith("CH") for r in replies)
-        assert facade.proc.wait(15) == 0
-        assert len(fast_emulator.requests()) == 21
-        assert facade.log_lines()[-1]["msg"] == "stopped"
-    finally:
-        fast_emulator.reset()
+    with ThreadPoolExecutor(21) as pool:
+        in_flight = [pool.submit(facade.create, timeout=15) for _ in range(20)]
+        time.sleep(0.5)
+        facade.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert health_status(facade) == health_pb2.HealthCheckResponse.NOT_SERVING
+        late = pool.submit(facade.create, timeout=15)  # endpoints not updated yet: still served
+        replies = [f.result() for f in in_flight] + [late.result()]
+    assert all(r.conversation_sid.startswith("CH") for r in replies)
+    assert facade.proc.wait(15) == 0
+    assert len(unlimited_upstream.requests()) == 21
+    assert facade.log_lines()[-1]["msg"] == "stopped"
 
 
 def test_after_the_delay_new_rpcs_are_refused_while_in_flight_ones_finish(
-    make_facade, fast_emulator: EmulatorProcess
+    make_facade, unlimited_upstream: EmulatorProcess
 ) -> None:
-    fast_emulator.reset()
-    fast_emulator.fault(latency=1.5)
-    facade = make_facade(fast_emulator.url, FLEX_RATE_LIMIT_RPS="0", SHUTDOWN_DELAY_SECONDS="0.2")
-    try:
-        with ThreadPoolExecutor(1) as pool:
-            running = pool.submit(facade.create, timeout=10)
-            time.sleep(0.3)
-            facade.proc.send_signal(signal.SIGTERM)
-            time.sleep(0.6)
-            with pytest.raises(grpc.RpcError) as caught:
-                facade.create(timeout=2)
-            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert running.result().conversation_sid.startswith("CH")
-        assert facade.proc.wait(10) == 0
-    finally:
-        fast_emulator.reset()
+    unlimited_upstream.fault(latency=1.5)
+    facade = make_facade(
+        unlimited_upstream.url, FLEX_RATE_LIMIT_RPS="0", SHUTDOWN_DELAY_SECONDS="0.2"
+    )
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(facade.create, timeout=10)
+        time.sleep(0.3)
+        facade.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.6)
+        with pytest.raises(grpc.RpcError) as caught:
+            facade.create(timeout=2)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert running.result().conversation_sid.startswith("CH")
+    assert facade.proc.wait(10) == 0
 
 
 def test_one_log_line_per_rpc_with_what_happened(
@@ -136,33 +130,31 @@ def test_metrics_count_rpcs_upstream_requests_retries_and_waits(
 
 
 def test_concurrency_limit_refuses_rather_than_hangs(
-    make_facade, fast_emulator: EmulatorProcess
+    make_facade, unlimited_upstream: EmulatorProcess
 ) -> None:
-    fast_emulator.reset()
-    fast_emulator.fault(latency=1.0)
-    facade = make_facade(fast_emulator.url, FLEX_RATE_LIMIT_RPS="0", GRPC_MAX_CONCURRENT_RPCS="2")
-    try:
-        results: list[object] = []
-        lock = threading.Lock()
+    unlimited_upstream.fault(latency=1.0)
+    facade = make_facade(
+        unlimited_upstream.url, FLEX_RATE_LIMIT_RPS="0", GRPC_MAX_CONCURRENT_RPCS="2"
+    )
+    results: list[object] = []
+    lock = threading.Lock()
 
-        def call() -> None:
-            try:
-                outcome: object = facade.create(timeout=10)
-            except grpc.RpcError as error:
-                outcome = error.code()
-            with lock:
-                results.append(outcome)
+    def call() -> None:
+        try:
+            outcome: object = facade.create(timeout=10)
+        except grpc.RpcError as error:
+            outcome = error.code()
+        with lock:
+            results.append(outcome)
 
-        threads = [threading.Thread(target=call) for _ in range(4)]
-        for t in threads:
-            t.start()
-            time.sleep(0.05)
-        for t in threads:
-            t.join()
-        assert results.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 2
-        assert sum(1 for r in results if not isinstance(r, grpc.StatusCode)) == 2
-    finally:
-        fast_emulator.reset()
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert results.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 2
+    assert sum(1 for r in results if not isinstance(r, grpc.StatusCode)) == 2
 
 
 def test_oversized_messages_are_resource_exhausted(make_facade, upstream: EmulatorProcess) -> None:
