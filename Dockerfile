@@ -9,7 +9,6 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY proto ./proto
 COPY generated ./generated
 COPY service ./service
 COPY emulator ./emulator
