@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +173,46 @@ def _child_pid(pid: int) -> int:
             return int(children[0])
         time.sleep(0.05)
     raise AssertionError("unshare started no child")
+
+
+def test_the_docker_build_context_builds_the_package(tmp_path: Path) -> None:
+    """What .dockerignore lets into the build context is enough for the image's `pip install .`."""
+    context = tmp_path / "context"
+    allowed = [
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    ]
+    for name in allowed:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, context / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            context.mkdir(exist_ok=True)
+            shutil.copy(source, context / name)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(context),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    [wheel] = tmp_path.glob("flexwebchat-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for expected in (
+        "service/__main__.py",
+        "service/server.py",
+        "flexwebchat/v1/webchat_pb2.py",
+        "flexwebchat/v1/webchat_pb2_grpc.py",
+        "flexwebchat/v1/webchat_pb2.pyi",
+        "flexwebchat/v1/py.typed",
+    ):
+        assert expected in names
