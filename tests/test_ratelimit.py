@@ -83,3 +83,9 @@ async def test_requests_already_waiting_queue_again_after_a_429() -> None:
     waited = await lim.acquire(Deadline.after(60))
     assert clock.sleeps == pytest.approx([0.2, 2.0])  # its old slot, then a new one after the pause
     assert waited == pytest.approx(2.2)
+
+
+def test_a_call_without_deadline_gets_the_default_and_none_exceeds_the_maximum() -> None:
+    assert Deadline.for_call(None, default=30, maximum=60).remaining() == pytest.approx(30, abs=0.1)
+    assert Deadline.for_call(500, default=30, maximum=60).remaining() == pytest.approx(60, abs=0.1)
+    assert Deadline.for_call(0.5, default=30, maximum=60).remaining() == pytest.approx(0.5, abs=0.1)
