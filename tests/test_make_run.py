@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -52,6 +53,6 @@ def test_make_run_falls_back_to_the_emulator_loudly_and_serves(tmp_path: Path) -
                 or "zombie" in Path(f"/proc/{pid}/status").read_text()
             )
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # nothing outlives a failed test
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
