@@ -139,7 +139,7 @@ def test_the_images_entrypoint_runs_as_pid_1_and_drains_on_sigterm(
     command = json.loads(dockerfile_instruction("ENTRYPOINT")[-1])
     as_pid_1 = os.geteuid() == 0 and shutil.which("unshare") is not None
     if as_pid_1:
-        command = ["unshare", "--pid", "--fork", "--mount-proc", *command]
+        command = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", *command]
     proc = subprocess.Popen(
         command, env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
