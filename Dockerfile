@@ -4,6 +4,8 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # --- build: install the package and its pinned dependencies into a virtualenv -------------------
 FROM ${PYTHON_IMAGE} AS build
+# --build-arg EXTRAS=[otel] adds OpenTelemetry tracing.
+ARG EXTRAS=""
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
@@ -12,7 +14,7 @@ COPY pyproject.toml README.md ./
 COPY generated ./generated
 COPY service ./service
 COPY emulator ./emulator
-RUN /opt/venv/bin/pip install . \
+RUN /opt/venv/bin/pip install ".${EXTRAS}" \
     && /opt/venv/bin/pip uninstall --yes pip setuptools wheel
 
 # --- runtime: the virtualenv only, as a non-root user -------------------------------------------

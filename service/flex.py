@@ -42,6 +42,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from service import observability as obs
+from service import tracing
 from service.config import Settings
 from service.deadline import Deadline
 from service.errors import (
@@ -162,21 +163,29 @@ class FlexClient:
             obs.RATE_LIMIT_REFUSED.inc()
             raise
         obs.RATE_LIMIT_WAIT.observe(waited)
-        obs.current_rpc().upstream_attempts += 1
+        record = obs.current_rpc()
+        record.upstream_attempts += 1
         headers = {"Accept": "application/json", "Accept-Charset": "utf-8"}
         ui_version = params.ui_version or self._settings.ui_version
         if ui_version:
             headers["Ui-Version"] = ui_version
-        started = time.monotonic()
-        try:
-            response = await self._http.post(WEBCHATS_PATH, data=params.form(), headers=headers)
-        except httpx.TransportError as exc:
-            failure = _transport_failure(exc)
-            obs.UPSTREAM_REQUESTS.labels(status=type(exc).__name__).inc()
-            raise failure from None
-        finally:
-            obs.UPSTREAM_LATENCY.observe(time.monotonic() - started)
-        obs.UPSTREAM_REQUESTS.labels(status=str(response.status_code)).inc()
+        with tracing.attempt_span(record.upstream_attempts) as span:
+            started = time.monotonic()
+            try:
+                response = await self._http.post(WEBCHATS_PATH, data=params.form(), headers=headers)
+            except httpx.TransportError as exc:
+                obs.UPSTREAM_REQUESTS.labels(status=type(exc).__name__).inc()
+                failure = _transport_failure(exc)
+                tracing.finish(span, {}, error=failure.reason)
+                raise failure from None
+            finally:
+                obs.UPSTREAM_LATENCY.observe(time.monotonic() - started)
+            obs.UPSTREAM_REQUESTS.labels(status=str(response.status_code)).inc()
+            tracing.finish(
+                span,
+                {"http.response.status_code": response.status_code},
+                error="" if response.is_success else f"HTTP {response.status_code}",
+            )
         if response.is_success:
             return _web_chat(response)
         error = upstream_error(response)

@@ -12,6 +12,7 @@ import grpc
 from grpc_status import rpc_status
 
 from service import observability as obs
+from service import tracing
 from service.auth import CallerTokens
 from service.errors import FacadeError, to_status
 
@@ -60,36 +61,58 @@ class RpcObserver(grpc.aio.ServerInterceptor):
             metadata = {
                 k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)
             }
-            record = obs.RpcRecord(method=short, trace_id=_trace_id(metadata))
-            obs.begin_rpc(record)
-            obs.RPCS_IN_FLIGHT.inc()
-            code, message = "OK", ""
-            try:
-                if self._tokens is not None:
-                    record.caller = self._tokens.caller(metadata)
-                else:
-                    record.caller = _certificate_name(context) or record.caller
-                return await behavior(request, context)
-            except FacadeError as exc:
-                status = to_status(exc)
-                code, message = CODE_NAMES.get(status.code, "UNKNOWN"), status.message
-                await context.abort_with_status(rpc_status.to_status(status))
-            except asyncio.CancelledError:
-                code, message = "CANCELLED", "the caller cancelled or its deadline passed"
-                raise
-            except Exception as exc:
-                log.exception("unexpected error", extra={"fields": {"method": short}})
-                status = to_status(exc)
-                code, message = "INTERNAL", status.message
-                await context.abort_with_status(rpc_status.to_status(status))
-            finally:
-                obs.RPCS_IN_FLIGHT.dec()
-                obs.RPCS.labels(method=short, code=code, caller=record.caller).inc()
-                obs.RPC_LATENCY.labels(method=short).observe(time.monotonic() - record.started)
-                obs.log_rpc(record, code, message)
-            raise AssertionError("unreachable: abort_with_status raises")
+            with tracing.rpc_span(short, metadata) as span:
+                return await self._run(short, behavior, request, context, metadata, span)
 
         return observed
+
+    async def _run(
+        self,
+        short: str,
+        behavior: Behavior,
+        request: Any,
+        context: Context,
+        metadata: dict[str, str],
+        span: Any,
+    ) -> Any:
+        record = obs.RpcRecord(method=short, trace_id=_trace_id(metadata) or tracing.trace_id(span))
+        obs.begin_rpc(record)
+        obs.RPCS_IN_FLIGHT.inc()
+        code, message = "OK", ""
+        try:
+            if self._tokens is not None:
+                record.caller = self._tokens.caller(metadata)
+            else:
+                record.caller = _certificate_name(context) or record.caller
+            return await behavior(request, context)
+        except FacadeError as exc:
+            status = to_status(exc)
+            code, message = CODE_NAMES.get(status.code, "UNKNOWN"), status.message
+            await context.abort_with_status(rpc_status.to_status(status))
+        except asyncio.CancelledError:
+            code, message = "CANCELLED", "the caller cancelled or its deadline passed"
+            raise
+        except Exception as exc:
+            log.exception("unexpected error", extra={"fields": {"method": short}})
+            status = to_status(exc)
+            code, message = "INTERNAL", status.message
+            await context.abort_with_status(rpc_status.to_status(status))
+        finally:
+            obs.RPCS_IN_FLIGHT.dec()
+            obs.RPCS.labels(method=short, code=code, caller=record.caller).inc()
+            obs.RPC_LATENCY.labels(method=short).observe(time.monotonic() - record.started)
+            obs.log_rpc(record, code, message)
+            tracing.finish(
+                span,
+                {
+                    "rpc.grpc.status_code": grpc.StatusCode[code].value[0],
+                    "flexwebchat.caller": record.caller,
+                    "flexwebchat.request_id": record.request_id,
+                    "flexwebchat.conversation_sid": record.conversation_sid,
+                },
+                error=message,
+            )
+        raise AssertionError("unreachable: abort_with_status raises")
 
 
 def _certificate_name(context: Context) -> str:
@@ -100,6 +123,9 @@ def _certificate_name(context: Context) -> str:
 def _trace_id(metadata: dict[str, str]) -> str:
     for name in TRACE_HEADERS:
         value = metadata.get(name, "")
+        if name == "traceparent":  # version-traceid-spanid-flags: the trace id is what ties logs
+            parts = value.split("-")
+            value = parts[1] if len(parts) == 4 else value
         if value:
             return value[:128]
     return ""

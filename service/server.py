@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from service import tracing
 from service.auth import CallerTokens, server_credentials
 from service.config import ConfigError, Settings
 from service.flex import FlexClient, new_http_client
@@ -42,10 +44,12 @@ class Facade:
     port: int
     health_server: grpc.aio.Server | None = None
     metrics: Any = None
+    flush_traces: Callable[[], None] | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Facade:
         """Builds and starts everything; call inside the running event loop."""
+        flush_traces = tracing.configure()
         credentials = server_credentials(settings)
         tokens = CallerTokens(settings.auth_tokens_file) if settings.auth_tokens_file else None
         http = new_http_client(settings)
@@ -97,11 +101,21 @@ class Facade:
                     "upstream": settings.base_url,
                     "rate_limit_rps": settings.rate_limit_rps,
                     "shared_state": "redis" if settings.redis_url else "local",
+                    "tracing": flush_traces is not None,
                 }
             },
         )
         return cls(
-            settings, server, health_servicer, http, limiter, records, port, health_server, metrics
+            settings,
+            server,
+            health_servicer,
+            http,
+            limiter,
+            records,
+            port,
+            health_server,
+            metrics,
+            flush_traces,
         )
 
     async def stop(self) -> None:
@@ -118,6 +132,8 @@ class Facade:
         await self.records.close()
         if self.metrics is not None:
             self.metrics.shutdown()
+        if self.flush_traces is not None:
+            self.flush_traces()
         log.info("stopped")
 
 
