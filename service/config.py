@@ -100,7 +100,7 @@ class Settings:
             rate_limit_burst=int(reader.number("FLEX_RATE_LIMIT_BURST", 1, minimum=1)),
             idempotency_ttl=reader.number("IDEMPOTENCY_TTL_SECONDS", 86400.0, minimum=1.0),
             idempotency_lock=reader.number("IDEMPOTENCY_LOCK_SECONDS", 10.0, minimum=0.5),
-            redis_url=_optional_secret(reader.secret("REDIS_URL")),
+            redis_url=_redis_url(reader.secret("REDIS_URL")),
             grpc_host=reader.text("GRPC_HOST") or "[::]",
             grpc_port=reader.port("GRPC_PORT", 50051),
             metrics_port=reader.port("METRICS_PORT", 9464),
@@ -174,8 +174,13 @@ class _EnvReader:
         raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
 
 
-def _optional_secret(value: str) -> Secret | None:
-    return Secret(value) if value else None
+def _redis_url(value: str) -> Secret | None:
+    if not value:
+        return None
+    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        # Never echo the value: it may hold a password.
+        raise ConfigError("REDIS_URL must be a redis://, rediss:// or unix:// URL")
+    return Secret(value)
 
 
 _ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
