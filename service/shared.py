@@ -102,7 +102,8 @@ async def connect_shared_state(settings: Settings) -> tuple[RateLimiter, RedisRe
         )
     limiter: RateLimiter = Unlimited()
     if settings.rate_limit_rps > 0:
-        key = f"{PREFIX}:{settings.username}:ratelimit"
+        # The braces are a hash tag: under Redis Cluster both of the limiter's keys share a slot.
+        key = f"{PREFIX}:{{{settings.username}}}:ratelimit"
         limiter = RedisRateLimiter(client, key, settings.rate_limit_rps, settings.rate_limit_burst)
     return limiter, RedisRecords(client)
 
