@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-DEFAULT_HOST = "flex-api.twilio.com"
-
 
 class ConfigError(Exception):
     """The environment does not describe a runnable facade; the message is one line."""
