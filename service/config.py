@@ -60,6 +60,7 @@ class Settings:
     # Idempotency records
     idempotency_ttl: float = 24 * 3600.0
     idempotency_lock: float = 10.0
+    idempotency_max_local_records: int = 100_000
     redis_url: Secret | None = None
     # Server
     grpc_host: str = "[::]"
@@ -98,6 +99,9 @@ class Settings:
             rate_limit_burst=int(reader.number("FLEX_RATE_LIMIT_BURST", 1, minimum=1)),
             idempotency_ttl=reader.number("IDEMPOTENCY_TTL_SECONDS", 86400.0, minimum=1.0),
             idempotency_lock=reader.number("IDEMPOTENCY_LOCK_SECONDS", 10.0, minimum=0.5),
+            idempotency_max_local_records=int(
+                reader.number("IDEMPOTENCY_MAX_LOCAL_RECORDS", 100_000, minimum=100)
+            ),
             redis_url=_redis_url(reader.secret("REDIS_URL")),
             grpc_host=reader.text("GRPC_HOST") or "[::]",
             grpc_port=reader.port("GRPC_PORT", 50051),

@@ -42,7 +42,7 @@ POLL_SECONDS = 0.025
 STORED_HTTP_FAILURES = frozenset({400, 404, 422})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     fingerprint: str
     owner: str
@@ -163,10 +163,18 @@ def is_stored_failure(exc: FacadeError) -> bool:
 
 
 class LocalRecords:
-    """Records in this process's memory; expired ones are dropped as new ones arrive."""
+    """Records in this process's memory; expired ones are dropped as new ones arrive.
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._records: dict[str, tuple[Record, float]] = {}
+    At most ``max_records`` are kept (about 470 bytes each): past that, the oldest completed
+    records are dropped before their TTL, and counted, rather than letting memory grow without
+    bound (5 calls/s for 24 h would be 432,000 records).
+    """
+
+    def __init__(
+        self, max_records: int = 100_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._records: dict[str, tuple[Record, float]] = {}  # in claim order, oldest first
+        self._max = max_records
         self._clock = clock
         self._next_sweep = 0.0
 
@@ -183,6 +191,8 @@ class LocalRecords:
         existing = self._live(key)
         if existing is None:
             self._evict_expired()
+            if len(self._records) >= self._max:
+                self._evict_oldest()
             self._records[key] = (record, self._clock() + lock_seconds)
         return existing
 
@@ -211,3 +221,20 @@ class LocalRecords:
         self._next_sweep = now + 60.0  # a full scan at most once a minute
         for key in [k for k, (_, expires) in self._records.items() if expires <= now]:
             del self._records[key]
+
+    def _evict_oldest(self) -> None:
+        """Drops the oldest tenth of the completed records (never a pending one)."""
+        self._next_sweep = 0.0
+        self._evict_expired()
+        excess = len(self._records) - self._max * 9 // 10
+        if excess <= 0:
+            return
+        oldest = [k for k, (record, _) in self._records.items() if record.done][:excess]
+        for key in oldest:
+            del self._records[key]
+        obs.IDEMPOTENCY.labels(outcome="evicted").inc(len(oldest))
+        log.warning(
+            "in-process idempotency records are full: dropped the oldest before their TTL; "
+            "raise IDEMPOTENCY_MAX_LOCAL_RECORDS or use REDIS_URL",
+            extra={"fields": {"dropped": len(oldest), "kept": len(self._records)}},
+        )

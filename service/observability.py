@@ -51,7 +51,9 @@ RATE_LIMIT_REFUSED = Counter(
     "flexwebchat_rate_limit_refused", "Requests refused because the wait exceeded the deadline"
 )
 IDEMPOTENCY = Counter(
-    "flexwebchat_idempotency", "request_id outcomes: executed, replayed, conflict", ["outcome"]
+    "flexwebchat_idempotency",
+    "request_id outcomes: executed, replayed, conflict, evicted (in-process records full)",
+    ["outcome"],
 )
 SHARED_STATE_ERRORS = Counter(
     "flexwebchat_shared_state_errors", "Failed operations on the shared state (Redis)"

@@ -159,7 +159,7 @@ async def _state(settings: Settings) -> tuple[RateLimiter, RecordBackend]:
         if settings.rate_limit_rps > 0
         else Unlimited()
     )
-    return limiter, LocalRecords()
+    return limiter, LocalRecords(max_records=settings.idempotency_max_local_records)
 
 
 def _listen(

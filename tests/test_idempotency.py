@@ -123,3 +123,15 @@ async def test_a_created_chat_is_returned_even_if_its_record_cannot_be_stored() 
     ids = IdempotencyStore(FailingComplete(), ttl_seconds=60, lock_seconds=5)
     result = await ids.run("id", "fp", Work(), Deadline.after(5))
     assert (result.ok, result.payload) == (True, b"chat-11")
+
+
+async def test_in_process_records_are_capped_dropping_the_oldest_completed() -> None:
+    records = LocalRecords(max_records=10)
+    await records.claim("pending", Record(fingerprint="fp", owner="busy"), 60)
+    for i in range(10):
+        await records.claim(f"id-{i}", Record(fingerprint="fp", owner="o"), 60)
+        await records.complete(f"id-{i}", Record(fingerprint="fp", owner="o", done=True), 60)
+    # The eleventh claim found the table full: the oldest completed records went, not the pending.
+    assert await records.claim("id-0", Record(fingerprint="fp", owner="new"), 60) is None
+    assert await records.claim("pending", Record(fingerprint="fp", owner="new"), 60) is not None
+    assert await records.claim("id-9", Record(fingerprint="fp", owner="new"), 60) is not None
