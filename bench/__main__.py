@@ -206,7 +206,7 @@ def main() -> None:
         print(f"{'':<44} {'created':>9} {'429s sent':>10} {'wall s':>9} {'max/1s':>9}")
         for line in account_limit(workdir):
             print(line, flush=True)
-        print("   max/1s: requests Twilio (the emulator) saw in the busiest second, refused included")
+        print("   max/1s: requests the emulator saw in the busiest second, refused included")
 
 
 if __name__ == "__main__":
