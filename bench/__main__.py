@@ -184,10 +184,8 @@ def facade_burst(facades: list[FacadeProcess]) -> tuple[list[str], float]:
 
 def burst_row(name: str, outcomes: list[str], wall: float, emulator: EmulatorProcess) -> str:
     ok = outcomes.count("ok")
-    seen = emulator.requests()
-    seen_429 = sum(1 for r in seen if r["status"] == 429)
-    times = sorted(r["time"] for r in seen)
-    busiest = max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
+    seen_429 = sum(1 for r in emulator.requests() if r["status"] == 429)
+    busiest = emulator.busiest_second()
     return f"{name:<44} {ok:>5}/{len(outcomes)} {seen_429:>10} {wall:9.2f} {busiest:>9}"
 
 

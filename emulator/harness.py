@@ -59,6 +59,14 @@ class EmulatorProcess:
     def requests(self) -> list[dict[str, Any]]:
         return list(self.control.get("/__emulator/requests").json())
 
+    def busiest_second(self) -> int:
+        """The most requests that arrived within any 1 s window, refused ones included."""
+        times = sorted(r["time"] for r in self.requests())
+        return max(
+            (sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times)),
+            default=0,
+        )
+
     def fault(self, *faults: dict[str, Any], latency: float | None = None) -> None:
         spec: dict[str, Any] = {"faults": list(faults)}
         if latency is not None:
