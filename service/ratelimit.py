@@ -65,7 +65,35 @@ class Gcra:
         return max(tat, now + seconds + self.tolerance)
 
 
-class LocalRateLimiter:
+class QueuedRateLimiter:
+    """The waiting shared by both limiters: reserve a slot, sleep until it, and take a new one if
+    a 429 pause began meanwhile. Subclasses keep the schedule (``_reserve``, ``_pauses``)."""
+
+    def __init__(self, sleep: Callable[[float], Awaitable[None]]) -> None:
+        self._sleep = sleep
+
+    async def _reserve(self, max_wait: float) -> tuple[float, int]:
+        """Reserves the next slot: (seconds until it, pauses so far). RateLimitExceeded when the
+        slot is more than ``max_wait`` away (then nothing is reserved)."""
+        raise NotImplementedError
+
+    async def _pauses(self) -> int:
+        raise NotImplementedError
+
+    async def acquire(self, deadline: Deadline) -> float:
+        waited = 0.0
+        while True:
+            wait, pauses = await self._reserve(deadline.remaining())
+            if wait <= 0:
+                return waited
+            await self._sleep(wait)
+            waited += wait
+            if await self._pauses() == pauses:
+                return waited
+            # Twilio answered 429 while this request waited: queue again, after the pause.
+
+
+class LocalRateLimiter(QueuedRateLimiter):
     def __init__(
         self,
         rate_per_second: float,
@@ -74,31 +102,25 @@ class LocalRateLimiter:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        super().__init__(sleep)
         self._gcra = Gcra(rate_per_second, burst)
         self._tat = 0.0
-        self._pauses = 0  # how many 429 pauses so far
+        self._pause_count = 0  # how many 429 pauses so far
         self._clock = clock
-        self._sleep = sleep
 
-    async def acquire(self, deadline: Deadline) -> float:
-        waited = 0.0
-        while True:
-            pauses = self._pauses
-            wait, tat = self._gcra.reserve(self._tat, self._clock())
-            if wait > deadline.remaining():
-                raise RateLimitExceeded(retry_after=wait)
-            self._tat = tat
-            if wait <= 0:
-                return waited
-            await self._sleep(wait)
-            waited += wait
-            if self._pauses == pauses:
-                return waited
-            # Twilio answered 429 while this request waited: queue again, after the pause.
+    async def _reserve(self, max_wait: float) -> tuple[float, int]:
+        wait, tat = self._gcra.reserve(self._tat, self._clock())
+        if wait > max_wait:
+            raise RateLimitExceeded(retry_after=wait)
+        self._tat = tat
+        return wait, self._pause_count
+
+    async def _pauses(self) -> int:
+        return self._pause_count
 
     async def penalize(self, seconds: float) -> None:
         self._tat = self._gcra.penalized(self._tat, self._clock(), seconds)
-        self._pauses += 1
+        self._pause_count += 1
 
     async def close(self) -> None:
         return None

@@ -21,10 +21,9 @@ from redis.exceptions import RedisError
 
 from service import observability as obs
 from service.config import Settings
-from service.deadline import Deadline
 from service.errors import RateLimitExceeded, SharedStateUnavailable
 from service.idempotency import Record
-from service.ratelimit import Gcra, RateLimiter, Unlimited
+from service.ratelimit import Gcra, QueuedRateLimiter, RateLimiter, Unlimited
 
 log = logging.getLogger("flexwebchat.shared")
 
@@ -114,36 +113,32 @@ def _unavailable(exc: RedisError) -> SharedStateUnavailable:
     return SharedStateUnavailable(type(exc).__name__)
 
 
-class RedisRateLimiter:
+class RedisRateLimiter(QueuedRateLimiter):
     """One GCRA schedule for every replica."""
 
     def __init__(self, client: aioredis.Redis, key: str, rate: float, burst: int) -> None:
+        super().__init__(asyncio.sleep)
         self._client = client
         self._keys = [key, f"{key}:pauses"]
         self._gcra = Gcra(rate, burst)
         self._acquire = client.register_script(ACQUIRE)
         self._penalize = client.register_script(PENALIZE)
 
-    async def acquire(self, deadline: Deadline) -> float:
-        waited: float = 0.0
-        while True:
-            args = [_us(self._gcra.interval), _us(self._gcra.tolerance), _us(deadline.remaining())]
-            try:
-                wait_us, pauses = await self._acquire(keys=self._keys, args=args)
-            except RedisError as exc:
-                raise _unavailable(exc) from None
-            if wait_us < 0:
-                raise RateLimitExceeded(retry_after=(-1 - wait_us) / 1e6)
-            if wait_us == 0:
-                return waited
-            await asyncio.sleep(wait_us / 1e6)
-            waited += wait_us / 1e6
-            try:
-                if int(await self._client.get(self._keys[1]) or 0) == pauses:
-                    return waited
-            except RedisError as exc:
-                raise _unavailable(exc) from None
-            # Twilio answered 429 while this request waited: queue again, after the pause.
+    async def _reserve(self, max_wait: float) -> tuple[float, int]:
+        args = [_us(self._gcra.interval), _us(self._gcra.tolerance), _us(max_wait)]
+        try:
+            wait_us, pauses = await self._acquire(keys=self._keys, args=args)
+        except RedisError as exc:
+            raise _unavailable(exc) from None
+        if wait_us < 0:
+            raise RateLimitExceeded(retry_after=(-1 - wait_us) / 1e6)
+        return wait_us / 1e6, int(pauses)
+
+    async def _pauses(self) -> int:
+        try:
+            return int(await self._client.get(self._keys[1]) or 0)
+        except RedisError as exc:
+            raise _unavailable(exc) from None
 
     async def penalize(self, seconds: float) -> None:
         args = [_us(self._gcra.tolerance), _us(seconds)]
