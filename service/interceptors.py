@@ -102,16 +102,17 @@ class RpcObserver(grpc.aio.ServerInterceptor):
             obs.RPCS.labels(method=short, code=code, caller=record.caller).inc()
             obs.RPC_LATENCY.labels(method=short).observe(time.monotonic() - record.started)
             obs.log_rpc(record, code, message)
-            tracing.finish(
-                span,
-                {
-                    "rpc.grpc.status_code": grpc.StatusCode[code].value[0],
-                    "flexwebchat.caller": record.caller,
-                    "flexwebchat.request_id": record.request_id,
-                    "flexwebchat.conversation_sid": record.conversation_sid,
-                },
-                error=message,
-            )
+            if span is not None:  # tracing on: skip building attributes otherwise
+                tracing.finish(
+                    span,
+                    {
+                        "rpc.grpc.status_code": grpc.StatusCode[code].value[0],
+                        "flexwebchat.caller": record.caller,
+                        "flexwebchat.request_id": record.request_id,
+                        "flexwebchat.conversation_sid": record.conversation_sid,
+                    },
+                    error=message,
+                )
         raise AssertionError("unreachable: abort_with_status raises")
 
 
