@@ -1,8 +1,10 @@
-"""A local stand-in for Twilio Flex ``POST /v2/WebChats``, as a real HTTP server.
+"""A local stand-in for Twilio Flex ``POST /v2/WebChats`` and the Conversations endpoint the
+facade uses (``POST /v1/Conversations/{CH}/Messages``), as a real HTTP server.
 
 It checks HTTP Basic credentials, parses the form, enforces the 16 KB pre-engagement limit and the
-5 requests/second account limit (429), answers 201 with a fresh ``CH…`` SID and identity, and
-answers errors in Twilio's shape. Tests steer it over HTTP:
+5 requests/second account limit on WebChats (429), answers 201 with a fresh ``CH…`` SID and
+identity, remembers the conversations it created (a message to any other is 404), and answers
+errors in Twilio's shape. Faults and latency apply to every endpoint. Tests steer it over HTTP:
 
 * ``GET  /__emulator/requests``  every request received: time, headers, form, answered status
 * ``POST /__emulator/faults``    ``{"faults": [...], "latency": s}``: each fault answers one coming
@@ -30,7 +32,9 @@ AUTH_TOKEN = "emulator-auth-token"
 API_KEY = "SK" + "0" * 32
 API_SECRET = "emulator-api-secret"
 ADDRESS_SID = re.compile(r"IG[0-9a-fA-F]{32}")
+SERVICE_SID = "IS" + "0" * 32  # the demo Flex conversations service (make run's guest tokens)
 MAX_PRE_ENGAGEMENT_BYTES = 16 * 1024
+MAX_MESSAGE_BYTES = 32 * 1024
 
 
 @dataclass
@@ -63,6 +67,8 @@ class Emulator:
     faults: list[dict[str, Any]] = field(default_factory=list)
     latency: float = 0.0
     bucket: TokenBucket | None = None
+    conversations: dict[str, str] = field(default_factory=dict)  # CH… -> guest identity
+    message_count: int = 0
 
     def __post_init__(self) -> None:
         self.reset()
@@ -76,12 +82,21 @@ class Emulator:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1024 * 1024)
         app.router.add_post("/v2/WebChats", self.create_web_chat)
+        app.router.add_post("/v1/Conversations/{sid}/Messages", self.create_message)
         app.router.add_get("/__emulator/requests", self.list_requests)
         app.router.add_post("/__emulator/faults", self.add_faults)
         app.router.add_post("/__emulator/reset", self.reset_state)
         return app
 
     async def create_web_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, self._web_chat, rate_limited=True)
+
+    async def create_message(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, self._message, rate_limited=False)
+
+    async def _handle(
+        self, request: web.Request, answer: Any, *, rate_limited: bool
+    ) -> web.StreamResponse:
         form = await request.post()
         entry: dict[str, Any] = {
             "time": time.time(),
@@ -92,7 +107,7 @@ class Emulator:
             "status": None,
         }
         self.requests.append(entry)
-        response = await self._answer(request, entry["form"])
+        response = await self._answer(request, entry["form"], answer, rate_limited)
         entry["status"] = response.status if response is not None else "dropped"
         if response is None:
             assert request.transport is not None
@@ -100,7 +115,9 @@ class Emulator:
             return web.Response(status=500)  # never written: the connection is gone
         return response
 
-    async def _answer(self, request: web.Request, form: dict[str, str]) -> web.Response | None:
+    async def _answer(
+        self, request: web.Request, form: dict[str, str], answer: Any, rate_limited: bool
+    ) -> web.Response | None:
         if self.latency:
             await asyncio.sleep(self.latency)
         if self.faults:
@@ -112,12 +129,16 @@ class Emulator:
                 return _fault_response(fault)
         if not self._authorized(request.headers.get("Authorization", "")):
             return twilio_error(401, 20003, "Authenticate")
-        if self.bucket is not None and not self.bucket.take():
+        if rate_limited and self.bucket is not None and not self.bucket.take():
             return twilio_error(429, 20429, "Too Many Requests")
         if request.content_type != "application/x-www-form-urlencoded":
             return twilio_error(
                 400, 20001, "Content-Type must be application/x-www-form-urlencoded"
             )
+        response: web.Response = answer(request, form)
+        return response
+
+    def _web_chat(self, request: web.Request, form: dict[str, str]) -> web.Response:
         address_sid = form.get("AddressSid", "")
         if not address_sid:
             return twilio_error(
@@ -131,7 +152,30 @@ class Emulator:
             "conversation_sid": "CH" + uuid.uuid4().hex,
             "identity": form.get("Identity") or str(uuid.uuid4()),
         }
+        self.conversations[body["conversation_sid"]] = body["identity"]
         return web.json_response(body, status=201)
+
+    def _message(self, request: web.Request, form: dict[str, str]) -> web.Response:
+        sid = request.match_info["sid"]
+        if sid not in self.conversations:
+            return twilio_error(
+                404, 20404, f"The requested resource /Conversations/{sid}/Messages was not found"
+            )
+        body = form.get("Body", "")
+        if not body:
+            return twilio_error(400, 20001, "Missing required parameter Body in the post body")
+        if len(body.encode()) > MAX_MESSAGE_BYTES:
+            return twilio_error(400, 50511, "Message body exceeds the maximum length")
+        self.message_count += 1
+        message = {
+            "sid": "IM" + uuid.uuid4().hex,
+            "conversation_sid": sid,
+            "author": form.get("Author") or "system",
+            "body": body,
+            "index": self.message_count - 1,
+            "date_created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        return web.json_response(message, status=201)
 
     def _authorized(self, header: str) -> bool:
         scheme, _, encoded = header.partition(" ")

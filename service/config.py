@@ -48,12 +48,20 @@ class Settings:
     username: str  # account SID or API key SID: the HTTP Basic user
     password: Secret  # auth token or API key secret
     base_url: str
+    account_sid: str = ""  # TWILIO_ACCOUNT_SID, when set (a guest token's subject)
+    api_key: str = ""  # TWILIO_API_KEY, when set (signs guest tokens)
+    api_secret: Secret | None = None
+    region: str = ""
     ui_version: str = ""
     attempt_timeout: float = 10.0
     max_attempts: int = 4
     retry_ambiguous: bool = False
     default_deadline: float = 30.0
     max_deadline: float = 60.0
+    # Guest sessions: access tokens, and the guest's first message (Conversations API)
+    conversations_url: str = "https://conversations.twilio.com"
+    conversations_service_sid: str = ""  # set: guest tokens are on
+    guest_token_ttl: int = 3600
     # Account-wide rate limit
     rate_limit_rps: float = 5.0
     rate_limit_burst: int = 1
@@ -85,10 +93,18 @@ class Settings:
         env = os.environ if env is None else env
         reader = _EnvReader(env)
         username, password = _credentials(reader)
-        return cls(
+        api_secret = reader.secret("TWILIO_API_SECRET")
+        settings = cls(
             username=username,
             password=password,
-            base_url=_base_url(reader),
+            base_url=_base_url(reader, "flex-api", "FLEX_API_BASE_URL"),
+            account_sid=reader.secret("TWILIO_ACCOUNT_SID"),
+            api_key=reader.secret("TWILIO_API_KEY"),
+            api_secret=Secret(api_secret) if api_secret else None,
+            region=reader.text("TWILIO_REGION"),
+            conversations_url=_base_url(reader, "conversations", "CONVERSATIONS_API_BASE_URL"),
+            conversations_service_sid=_service_sid(reader.text("TWILIO_CONVERSATIONS_SERVICE_SID")),
+            guest_token_ttl=_token_ttl(reader),
             ui_version=reader.text("FLEX_UI_VERSION"),
             attempt_timeout=reader.number("FLEX_ATTEMPT_TIMEOUT_SECONDS", 10.0, minimum=0.1),
             max_attempts=int(reader.number("FLEX_MAX_ATTEMPTS", 4, minimum=1)),
@@ -119,6 +135,28 @@ class Settings:
             tls_client_ca_file=reader.text("TLS_CLIENT_CA_FILE"),
             auth_tokens_file=reader.text("AUTH_TOKENS_FILE"),
         )
+        missing = settings.missing_for_tokens()
+        if settings.conversations_service_sid and missing:
+            raise ConfigError(
+                "TWILIO_CONVERSATIONS_SERVICE_SID turns guest access tokens on, which also need "
+                + ", ".join(missing)
+                + " (an auth token cannot sign access tokens)"
+            )
+        return settings
+
+    @property
+    def tokens_enabled(self) -> bool:
+        return not self.missing_for_tokens()
+
+    def missing_for_tokens(self) -> list[str]:
+        """The settings guest access tokens still need; empty when tokens are on."""
+        wanted = {
+            "TWILIO_CONVERSATIONS_SERVICE_SID": self.conversations_service_sid,
+            "TWILIO_API_KEY": self.api_key,
+            "TWILIO_API_SECRET": self.api_secret,
+            "TWILIO_ACCOUNT_SID": self.account_sid,
+        }
+        return [name for name, value in wanted.items() if not value]
 
 
 class _EnvReader:
@@ -212,22 +250,45 @@ def _credentials(reader: _EnvReader) -> tuple[str, Secret]:
     )
 
 
-def _base_url(reader: _EnvReader) -> str:
-    """FLEX_API_BASE_URL, else the host twilio-python derives from TWILIO_REGION/TWILIO_EDGE."""
-    override = reader.text("FLEX_API_BASE_URL")
+_SERVICE_SID = re.compile(r"^IS[0-9a-fA-F]{32}$")
+MIN_TOKEN_TTL, MAX_TOKEN_TTL = 180, 86400  # Twilio's bounds (longer is error 20157)
+
+
+def _service_sid(value: str) -> str:
+    if value and not _SERVICE_SID.match(value):
+        raise ConfigError(
+            "TWILIO_CONVERSATIONS_SERVICE_SID must look like IS followed by 32 hex digits "
+            "(the Flex conversations service, Console: Conversations > Services)"
+        )
+    return value
+
+
+def _token_ttl(reader: _EnvReader) -> int:
+    ttl = reader.number("GUEST_TOKEN_TTL_SECONDS", 3600, minimum=MIN_TOKEN_TTL)
+    if ttl > MAX_TOKEN_TTL or ttl != int(ttl):
+        raise ConfigError(
+            f"GUEST_TOKEN_TTL_SECONDS must be whole seconds from {MIN_TOKEN_TTL} to "
+            f"{MAX_TOKEN_TTL} (Twilio's bounds), got {reader.text('GUEST_TOKEN_TTL_SECONDS')!r}"
+        )
+    return int(ttl)
+
+
+def _base_url(reader: _EnvReader, product: str, variable: str) -> str:
+    """``variable``, else the host twilio-python derives from TWILIO_REGION/TWILIO_EDGE."""
+    override = reader.text(variable)
     if not override:
         edge, region = reader.text("TWILIO_EDGE"), reader.text("TWILIO_REGION")
         region = region or ("us1" if edge else "")
-        host = ".".join(part for part in ("flex-api", edge, region, "twilio.com") if part)
+        host = ".".join(part for part in (product, edge, region, "twilio.com") if part)
         return f"https://{host}"
     parts = urlsplit(override)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"FLEX_API_BASE_URL must be an http(s) URL, got {override!r}")
+        raise ConfigError(f"{variable} must be an http(s) URL, got {override!r}")
     if parts.query or parts.fragment or parts.username or parts.password:
-        raise ConfigError("FLEX_API_BASE_URL must not carry credentials, a query or a fragment")
+        raise ConfigError(f"{variable} must not carry credentials, a query or a fragment")
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
         raise ConfigError(
-            f"FLEX_API_BASE_URL may use http:// only to a loopback host, got {parts.hostname!r}: "
+            f"{variable} may use http:// only to a loopback host, got {parts.hostname!r}: "
             "credentials would cross the network in clear text"
         )
     return override.rstrip("/")

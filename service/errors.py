@@ -11,12 +11,16 @@ Exception tree::
     ├── DeadlineExceeded             the caller's deadline (or the server maximum) ran out
     ├── SharedStateUnavailable       Redis (shared limits, idempotency) cannot be reached
     ├── Unauthenticated              caller auth is on and the call has no valid token
+    ├── TokensNotConfigured          issue_token/RefreshGuestToken without token settings
+    ├── TokenRejected                a presented guest token is forged, foreign or expired
     └── ReplayedError                a stored outcome of an earlier call with the same request_id
 
 Servicer code raises these; :func:`to_status` is the only place that builds statuses.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -101,6 +105,32 @@ class Unauthenticated(FacadeError):
     """Caller authentication is on and the call did not prove who it is."""
 
 
+class TokensNotConfigured(FacadeError):
+    """Guest tokens were asked for, but the server lacks the settings to sign them."""
+
+    def __init__(self, missing: list[str]) -> None:
+        self.missing = missing
+        super().__init__(
+            "guest access tokens are not configured on this server: set "
+            + ", ".join(missing)
+            + "; nothing was created"
+        )
+
+
+class TokenRejected(FacadeError):
+    """A presented token is not one to refresh. ``reason`` is TOKEN_INVALID or TOKEN_EXPIRED;
+    the message says which and nothing more, so it cannot guide a forgery."""
+
+    MESSAGES: ClassVar[dict[str, str]] = {
+        "TOKEN_EXPIRED": "the access token has expired; start a new chat session",
+        "TOKEN_INVALID": "the access token was not issued by this service",
+    }
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(self.MESSAGES[reason])
+
+
 class ReplayedError(FacadeError):
     """The stored failure of the first call with this request_id, returned again as it was."""
 
@@ -173,6 +203,28 @@ def to_status(exc: BaseException) -> status_pb2.Status:
             return _status(code_pb2.UNAVAILABLE, str(exc), info, _retry_info(None))
         case Unauthenticated():
             return _status(code_pb2.UNAUTHENTICATED, str(exc))
+        case TokensNotConfigured():
+            failure = error_details_pb2.PreconditionFailure(
+                violations=[
+                    error_details_pb2.PreconditionFailure.Violation(
+                        type="SETTING", subject=name, description="not set on the server"
+                    )
+                    for name in exc.missing
+                ]
+            )
+            return _status(code_pb2.FAILED_PRECONDITION, str(exc), failure)
+        case TokenRejected():
+            bad = error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field="access_token", description=str(exc)
+                    )
+                ]
+            )
+            info = _error_info(exc.reason, FACADE_DOMAIN, {})
+            return _status(
+                code_pb2.INVALID_ARGUMENT, f"invalid request: access_token: {exc}", bad, info
+            )
         case _:
             return _status(code_pb2.INTERNAL, "internal error")
 

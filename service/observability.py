@@ -55,6 +55,21 @@ IDEMPOTENCY = Counter(
     "request_id outcomes: executed, replayed, conflict, evicted (in-process records full)",
     ["outcome"],
 )
+GUEST_TOKENS = Counter(
+    "flexwebchat_guest_tokens_issued",
+    "Guest access tokens issued, by RPC (create, refresh)",
+    ["via"],
+)
+TOKEN_REFRESH_REFUSED = Counter(
+    "flexwebchat_token_refresh_refused",
+    "RefreshGuestToken refusals, by reason (TOKEN_INVALID, TOKEN_EXPIRED)",
+    ["reason"],
+)
+INITIAL_MESSAGES = Counter(
+    "flexwebchat_initial_messages",
+    "Guests' first messages, by outcome (posted, failed)",
+    ["outcome"],
+)
 SHARED_STATE_ERRORS = Counter(
     "flexwebchat_shared_state_errors", "Failed operations on the shared state (Redis)"
 )

@@ -21,10 +21,13 @@ from prometheus_client import start_http_server
 from service import tracing
 from service.auth import CallerTokens, server_credentials
 from service.config import ConfigError, Settings
-from service.flex import FlexClient, new_http_client
+from service.conversations import ConversationsClient
+from service.flex import FlexClient
 from service.idempotency import IdempotencyStore, LocalRecords, RecordBackend
 from service.interceptors import RpcObserver
 from service.ratelimit import LocalRateLimiter, RateLimiter, Unlimited
+from service.tokens import GuestTokens
+from service.upstream import TwilioHttp, new_http_client
 from service.webchat import WebChatServicer
 
 log = logging.getLogger("flexwebchat")
@@ -57,7 +60,14 @@ class Facade:
         idempotency = IdempotencyStore(
             records, ttl_seconds=settings.idempotency_ttl, lock_seconds=settings.idempotency_lock
         )
-        servicer = WebChatServicer(FlexClient(http, settings, limiter), idempotency, settings)
+        twilio = TwilioHttp(http, settings)
+        servicer = WebChatServicer(
+            FlexClient(twilio, settings, limiter),
+            ConversationsClient(twilio, settings),
+            idempotency,
+            _guest_tokens(settings),
+            settings,
+        )
 
         server = grpc.aio.server(
             interceptors=[RpcObserver(tokens)],
@@ -99,6 +109,7 @@ class Facade:
                     "health_port": settings.health_port or None,
                     "metrics_port": settings.metrics_port or None,
                     "upstream": settings.base_url,
+                    "guest_tokens": settings.tokens_enabled,
                     "rate_limit_rps": settings.rate_limit_rps,
                     "shared_state": "redis" if settings.redis_url else "local",
                     "tracing": flush_traces is not None,
@@ -160,6 +171,19 @@ async def _state(settings: Settings) -> tuple[RateLimiter, RecordBackend]:
         else Unlimited()
     )
     return limiter, LocalRecords(max_records=settings.idempotency_max_local_records)
+
+
+def _guest_tokens(settings: Settings) -> GuestTokens | None:
+    if not settings.tokens_enabled or settings.api_secret is None:
+        return None
+    return GuestTokens(
+        api_key=settings.api_key,
+        api_secret=settings.api_secret,
+        account_sid=settings.account_sid,
+        service_sid=settings.conversations_service_sid,
+        ttl_seconds=settings.guest_token_ttl,
+        region=settings.region,
+    )
 
 
 def _listen(

@@ -13,7 +13,7 @@ from typing import Any
 from flexwebchat.v1 import webchat_pb2
 
 from service.errors import InvalidRequest
-from service.flex import WebChatParams
+from service.params import WebChatParams
 
 ADDRESS_SID = re.compile(r"IG[0-9a-fA-F]{32}")
 REQUEST_ID = re.compile(
@@ -22,6 +22,8 @@ REQUEST_ID = re.compile(
 UI_VERSION = re.compile(r"[\x21-\x7e]{1,64}")  # a header value: visible ASCII, no spaces
 MAX_NAME_CHARS = 256
 MAX_PRE_ENGAGEMENT_BYTES = 16 * 1024
+MAX_MESSAGE_BYTES = 32 * 1024  # Conversations' limit on a chat message body
+MAX_TOKEN_CHARS = 8 * 1024
 _JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 _JSON_KINDS[type(None)] = "null"
 
@@ -52,6 +54,7 @@ def validate(request: webchat_pb2.CreateWebChatRequest) -> WebChatParams:
         check("ui_version", "must be 1-64 visible ASCII characters without spaces, e.g. 1.0.0")
     if request.request_id and not REQUEST_ID.fullmatch(request.request_id):
         check("request_id", "must be a UUID such as 123e4567-e89b-12d3-a456-426614174000")
+    check("initial_message", _message_problem(request.initial_message))
     if violations:
         raise InvalidRequest(violations)
     return WebChatParams(
@@ -61,7 +64,18 @@ def validate(request: webchat_pb2.CreateWebChatRequest) -> WebChatParams:
         pre_engagement_data=request.pre_engagement_data,
         identity=request.identity,
         ui_version=request.ui_version,
+        initial_message=request.initial_message,
     )
+
+
+def validate_refresh(request: webchat_pb2.RefreshGuestTokenRequest) -> str:
+    """The presented token, or InvalidRequest; whether it is genuine is for service.tokens."""
+    token = request.access_token
+    if not token:
+        raise InvalidRequest([("access_token", "is required: the guest's current access token")])
+    if len(token) > MAX_TOKEN_CHARS or not token.isascii():
+        raise InvalidRequest([("access_token", "is not an access token issued by this service")])
+    return token
 
 
 def _address_sid_problem(value: str) -> str | None:
@@ -84,6 +98,19 @@ def _name_problem(value: str) -> str | None:
         return f"must be at most {MAX_NAME_CHARS} characters, got {len(value)}"
     if any(unicodedata.category(ch) == "Cc" for ch in value):
         return "must not contain control characters (such as newlines or NUL)"
+    return None
+
+
+def _message_problem(value: str) -> str | None:
+    if not value:
+        return None
+    size = len(value.encode("utf-8"))
+    if size > MAX_MESSAGE_BYTES:
+        return f"must be at most {MAX_MESSAGE_BYTES} bytes of UTF-8, got {size}"
+    if any(unicodedata.category(ch) == "Cc" and ch not in "\r\n\t" for ch in value):
+        return "must not contain control characters other than newlines and tabs"
+    if value.isspace():
+        return "must not be only whitespace: the agent would see an empty message"
     return None
 
 

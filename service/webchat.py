@@ -1,45 +1,90 @@
-"""The servicer: validate -> (idempotency) -> Flex -> response. Raises errors, never builds them."""
+"""The servicer: validate -> (idempotency) -> Twilio -> response. Raises errors, builds none."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
+from typing import TypeAlias
 
 import grpc
 from flexwebchat.v1 import webchat_pb2, webchat_pb2_grpc
+from google.protobuf import timestamp_pb2
 from google.rpc import status_pb2
 
 from service import observability as obs
 from service.config import Settings
+from service.conversations import ConversationsClient
 from service.deadline import Deadline
-from service.errors import FacadeError, ReplayedError, to_status
-from service.flex import FlexClient, WebChatParams
+from service.errors import FacadeError, ReplayedError, TokenRejected, TokensNotConfigured, to_status
+from service.flex import FlexClient
 from service.idempotency import IdempotencyStore, Outcome, is_stored_failure
-from service.validation import validate
+from service.params import WebChatParams
+from service.tokens import GuestToken, GuestTokens
+from service.validation import validate, validate_refresh
+
+log = logging.getLogger("flexwebchat.webchat")
+
+# Generic only in the typing stubs, so quoted.
+CreateContext: TypeAlias = (
+    "grpc.aio.ServicerContext[webchat_pb2.CreateWebChatRequest, webchat_pb2.CreateWebChatResponse]"
+)
+RefreshContext: TypeAlias = (
+    "grpc.aio.ServicerContext[webchat_pb2.RefreshGuestTokenRequest, "
+    "webchat_pb2.RefreshGuestTokenResponse]"
+)
 
 
 class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
-    def __init__(self, flex: FlexClient, idempotency: IdempotencyStore, settings: Settings):
+    def __init__(
+        self,
+        flex: FlexClient,
+        conversations: ConversationsClient,
+        idempotency: IdempotencyStore,
+        tokens: GuestTokens | None,
+        settings: Settings,
+    ):
         self._flex = flex
+        self._conversations = conversations
         self._idempotency = idempotency
+        self._tokens = tokens
         self._settings = settings
 
     async def CreateWebChat(
-        self,
-        request: webchat_pb2.CreateWebChatRequest,
-        context: grpc.aio.ServicerContext[
-            webchat_pb2.CreateWebChatRequest, webchat_pb2.CreateWebChatResponse
-        ],
+        self, request: webchat_pb2.CreateWebChatRequest, context: CreateContext
     ) -> webchat_pb2.CreateWebChatResponse:
         params = validate(request)
-        deadline = Deadline.for_call(
-            context.time_remaining(),
-            default=self._settings.default_deadline,
-            maximum=self._settings.max_deadline,
-        )
-        if not request.request_id:
-            return await self._create(params, deadline, retry_ambiguous=False)
+        if request.issue_token:
+            self._require_tokens()  # before anything is created
+        deadline = self._deadline(context)
+        if request.request_id:
+            obs.current_rpc().request_id = request.request_id
+            response = await self._create_once(request, params, deadline)
+        else:
+            response = await self._create(params, deadline, retry_ambiguous=False)
+        if request.issue_token:
+            # Never stored: a replay gets a fresh token for the stored identity.
+            _set_token(response, self._mint(response.identity, via="create"))
+        return response
 
-        obs.current_rpc().request_id = request.request_id
+    async def RefreshGuestToken(
+        self, request: webchat_pb2.RefreshGuestTokenRequest, context: RefreshContext
+    ) -> webchat_pb2.RefreshGuestTokenResponse:
+        presented = validate_refresh(request)
+        tokens = self._require_tokens()
+        try:
+            identity = tokens.verify(presented)
+        except TokenRejected as exc:
+            obs.TOKEN_REFRESH_REFUSED.labels(reason=exc.reason).inc()
+            raise
+        token = self._mint(identity, via="refresh")
+        response = webchat_pb2.RefreshGuestTokenResponse(access_token=token.jwt, identity=identity)
+        response.access_token_expires_at.CopyFrom(_timestamp(token.expires_at))
+        return response
+
+    async def _create_once(
+        self, request: webchat_pb2.CreateWebChatRequest, params: WebChatParams, deadline: Deadline
+    ) -> webchat_pb2.CreateWebChatResponse:
+        """At most one execution per request_id; later calls get the stored outcome."""
 
         async def work() -> bytes:
             # With a request_id the caller gets one answer per id whatever we retry, so an
@@ -65,14 +110,64 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
         self, params: WebChatParams, deadline: Deadline, *, retry_ambiguous: bool
     ) -> webchat_pb2.CreateWebChatResponse:
         chat = await self._flex.create_web_chat(params, deadline, retry_ambiguous=retry_ambiguous)
-        return webchat_pb2.CreateWebChatResponse(
+        response = webchat_pb2.CreateWebChatResponse(
             conversation_sid=chat.conversation_sid, identity=chat.identity
+        )
+        if params.initial_message:
+            response.initial_message_sid = await self._post_first_message(
+                chat.conversation_sid, chat.identity, params.initial_message, deadline
+            )
+        return response
+
+    async def _post_first_message(
+        self, conversation_sid: str, identity: str, body: str, deadline: Deadline
+    ) -> str:
+        """The message's SID, or "" when it could not be posted: the conversation exists and
+        must reach its caller all the same."""
+        try:
+            sid = await self._conversations.post_message(conversation_sid, identity, body, deadline)
+        except FacadeError as exc:
+            obs.INITIAL_MESSAGES.labels(outcome="failed").inc()
+            log.warning(
+                "the guest's first message could not be posted; the chat was created without it",
+                extra={"fields": {"conversation_sid": conversation_sid, "error": str(exc)}},
+            )
+            return ""
+        obs.INITIAL_MESSAGES.labels(outcome="posted").inc()
+        return sid
+
+    def _require_tokens(self) -> GuestTokens:
+        if self._tokens is None:
+            raise TokensNotConfigured(self._settings.missing_for_tokens())
+        return self._tokens
+
+    def _mint(self, identity: str, *, via: str) -> GuestToken:
+        token = self._require_tokens().mint(identity)
+        obs.GUEST_TOKENS.labels(via=via).inc()
+        return token
+
+    def _deadline(self, context: CreateContext) -> Deadline:
+        return Deadline.for_call(
+            context.time_remaining(),
+            default=self._settings.default_deadline,
+            maximum=self._settings.max_deadline,
         )
 
 
 def fingerprint(request: webchat_pb2.CreateWebChatRequest) -> str:
-    """A digest of every field but request_id: a retry must repeat the request exactly."""
+    """A digest of the fields that shape the chat: a retry must repeat them exactly. request_id
+    names the chat and issue_token only asks for a token, so neither is part of it."""
     fields = webchat_pb2.CreateWebChatRequest()
     fields.CopyFrom(request)
     fields.request_id = ""
+    fields.issue_token = False
     return hashlib.sha256(fields.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _timestamp(unix_seconds: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=unix_seconds)
+
+
+def _set_token(response: webchat_pb2.CreateWebChatResponse, token: GuestToken) -> None:
+    response.access_token = token.jwt
+    response.access_token_expires_at.CopyFrom(_timestamp(token.expires_at))

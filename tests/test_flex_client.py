@@ -18,8 +18,10 @@ from service.errors import (
     UpstreamError,
     UpstreamUnreachable,
 )
-from service.flex import USER_AGENT, FlexClient, WebChatParams, parse_retry_after
+from service.flex import FlexClient
+from service.params import WebChatParams
 from service.ratelimit import Unlimited
+from service.upstream import USER_AGENT, TwilioHttp, parse_retry_after
 
 ADDRESS = "IG" + "ab" * 16
 CREATED = {"conversation_sid": "CH" + "0" * 32, "identity": "guest"}
@@ -57,12 +59,11 @@ class Upstream:
     def client(self, **overrides: object) -> FlexClient:
         config = settings(**overrides)
         http = httpx.AsyncClient(
-            base_url=config.base_url,
             transport=httpx.MockTransport(self.handler),
             auth=httpx.BasicAuth(config.username, config.password.reveal()),
             headers={"User-Agent": USER_AGENT},
         )
-        return FlexClient(http, config, Unlimited(), sleep=self.sleep)
+        return FlexClient(TwilioHttp(http, config, sleep=self.sleep), config, Unlimited())
 
 
 def create(client: FlexClient, retry_ambiguous: bool = False, seconds: float = 30, **fields: str):
@@ -204,8 +205,8 @@ async def test_deadline_cancels_the_attempt_in_flight() -> None:
         return httpx.Response(201, json=CREATED)
 
     config = settings()
-    http = httpx.AsyncClient(base_url=config.base_url, transport=httpx.MockTransport(slow))
-    client = FlexClient(http, config, Unlimited())
+    http = httpx.AsyncClient(transport=httpx.MockTransport(slow))
+    client = FlexClient(TwilioHttp(http, config), config, Unlimited())
     with pytest.raises(DeadlineExceeded):
         await create(client, seconds=0.2)
     assert cancelled.is_set()
@@ -214,7 +215,7 @@ async def test_deadline_cancels_the_attempt_in_flight() -> None:
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
-        ("not json", "not JSON"),
+        ("not json", "not a JSON object"),
         ("[1, 2]", "not a JSON object"),
         ('{"identity": "x"}', "conversation_sid"),
         ('{"conversation_sid": "CH' + "0" * 31 + '", "identity": "x"}', "conversation_sid"),

@@ -35,14 +35,33 @@ def test_make_run_falls_back_to_the_emulator_loudly_and_serves(tmp_path: Path) -
             int(pid)
             for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         ]
-        assert "NO TWILIO CREDENTIALS" in stderr.read_text() and "EMULATOR" in stderr.read_text()
+        banner = stderr.read_text()
+        assert "NO TWILIO CREDENTIALS" in banner and "EMULATOR" in banner
+        assert "DEMO tokens" in banner
 
-        body = json.dumps({"address_sid": ADDRESS_SID, "customer_friendly_name": "Ada"})
+        # The README's guest flow: a chat with a token and a first message, then a refresh.
+        body = json.dumps(
+            {
+                "address_sid": ADDRESS_SID,
+                "customer_friendly_name": "Ada",
+                "issue_token": True,
+                "initial_message": "Hello, I need help with my bill",
+            }
+        )
         result = grpcurl(
             "-d", body, f"localhost:{port}", "flexwebchat.v1.WebChatService/CreateWebChat"
         )
         assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout)["conversation_sid"].startswith("CH")
+        chat = json.loads(result.stdout)
+        assert chat["conversation_sid"].startswith("CH")
+        assert chat["initial_message_sid"].startswith("IM")
+        assert chat["access_token"].count(".") == 2 and chat["access_token_expires_at"]
+        refresh = json.dumps({"access_token": chat["access_token"]})
+        result = grpcurl(
+            "-d", refresh, f"localhost:{port}", "flexwebchat.v1.WebChatService/RefreshGuestToken"
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["identity"] == chat["identity"]
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0

@@ -40,6 +40,11 @@ class WebChatServiceStub:
                 request_serializer=flexwebchat_dot_v1_dot_webchat__pb2.CreateWebChatRequest.SerializeToString,
                 response_deserializer=flexwebchat_dot_v1_dot_webchat__pb2.CreateWebChatResponse.FromString,
                 _registered_method=True)
+        self.RefreshGuestToken = channel.unary_unary(
+                '/flexwebchat.v1.WebChatService/RefreshGuestToken',
+                request_serializer=flexwebchat_dot_v1_dot_webchat__pb2.RefreshGuestTokenRequest.SerializeToString,
+                response_deserializer=flexwebchat_dot_v1_dot_webchat__pb2.RefreshGuestTokenResponse.FromString,
+                _registered_method=True)
 
 
 class WebChatServiceServicer:
@@ -53,6 +58,14 @@ class WebChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RefreshGuestToken(self, request, context):
+        """Re-issues a guest's access token (no Twilio call). Call it before
+        access_token_expires_at; an expired token cannot be refreshed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WebChatServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +73,11 @@ def add_WebChatServiceServicer_to_server(servicer, server):
                     servicer.CreateWebChat,
                     request_deserializer=flexwebchat_dot_v1_dot_webchat__pb2.CreateWebChatRequest.FromString,
                     response_serializer=flexwebchat_dot_v1_dot_webchat__pb2.CreateWebChatResponse.SerializeToString,
+            ),
+            'RefreshGuestToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshGuestToken,
+                    request_deserializer=flexwebchat_dot_v1_dot_webchat__pb2.RefreshGuestTokenRequest.FromString,
+                    response_serializer=flexwebchat_dot_v1_dot_webchat__pb2.RefreshGuestTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +108,33 @@ class WebChatService:
             '/flexwebchat.v1.WebChatService/CreateWebChat',
             flexwebchat_dot_v1_dot_webchat__pb2.CreateWebChatRequest.SerializeToString,
             flexwebchat_dot_v1_dot_webchat__pb2.CreateWebChatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefreshGuestToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flexwebchat.v1.WebChatService/RefreshGuestToken',
+            flexwebchat_dot_v1_dot_webchat__pb2.RefreshGuestTokenRequest.SerializeToString,
+            flexwebchat_dot_v1_dot_webchat__pb2.RefreshGuestTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

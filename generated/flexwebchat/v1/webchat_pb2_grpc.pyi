@@ -38,6 +38,10 @@ class WebChatServiceStub:
     def __new__(cls, channel: _aio.Channel) -> WebChatServiceAsyncStub: ...
     CreateWebChat: _grpc.UnaryUnaryMultiCallable[_webchat_pb2.CreateWebChatRequest, _webchat_pb2.CreateWebChatResponse]
     """Creates a guest conversation through Flex (POST /v2/WebChats)."""
+    RefreshGuestToken: _grpc.UnaryUnaryMultiCallable[_webchat_pb2.RefreshGuestTokenRequest, _webchat_pb2.RefreshGuestTokenResponse]
+    """Re-issues a guest's access token (no Twilio call). Call it before
+    access_token_expires_at; an expired token cannot be refreshed.
+    """
 
 @_typing.type_check_only
 class WebChatServiceAsyncStub(WebChatServiceStub):
@@ -46,6 +50,10 @@ class WebChatServiceAsyncStub(WebChatServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateWebChat: _aio.UnaryUnaryMultiCallable[_webchat_pb2.CreateWebChatRequest, _webchat_pb2.CreateWebChatResponse]  # type: ignore[assignment]
     """Creates a guest conversation through Flex (POST /v2/WebChats)."""
+    RefreshGuestToken: _aio.UnaryUnaryMultiCallable[_webchat_pb2.RefreshGuestTokenRequest, _webchat_pb2.RefreshGuestTokenResponse]  # type: ignore[assignment]
+    """Re-issues a guest's access token (no Twilio call). Call it before
+    access_token_expires_at; an expired token cannot be refreshed.
+    """
 
 class WebChatServiceServicer(metaclass=_abc_1.ABCMeta):
     """Creates Flex guest conversations."""
@@ -57,5 +65,15 @@ class WebChatServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_webchat_pb2.CreateWebChatResponse, _abc.Awaitable[_webchat_pb2.CreateWebChatResponse]]:
         """Creates a guest conversation through Flex (POST /v2/WebChats)."""
+
+    @_abc_1.abstractmethod
+    def RefreshGuestToken(
+        self,
+        request: _webchat_pb2.RefreshGuestTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_webchat_pb2.RefreshGuestTokenResponse, _abc.Awaitable[_webchat_pb2.RefreshGuestTokenResponse]]:
+        """Re-issues a guest's access token (no Twilio call). Call it before
+        access_token_expires_at; an expired token cannot be refreshed.
+        """
 
 def add_WebChatServiceServicer_to_server(servicer: WebChatServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,293 @@
+"""The one HTTP client, retry policy and failure classification that every Twilio call uses.
+
+Twilio's POSTs (``/v2/WebChats``, ``/v1/Conversations/{CH}/Messages``) have no idempotency key,
+so a re-sent request can create a second conversation or message. Failures are classified:
+
+* never processed: the request never left (connect error, connect/pool timeout) or Twilio refused
+  it unprocessed (429, 503) -> retried with full-jitter exponential backoff, honouring Retry-After;
+* ambiguous: it may have been processed (500, 502, 504, read/write timeout, reset after sending)
+  -> retried only when the caller allows it (``retry_ambiguous``), and logged;
+* final: any other answer -> never retried.
+
+No attempt starts, and no backoff sleeps, past the deadline; the attempt in flight when the
+deadline passes is cancelled. Only requests that go through a ``limiter`` draw on the account's
+rate budget (the WebChats orchestrator's 5/s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import platform
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import httpx
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+from tenacity.stop import stop_base
+from tenacity.wait import wait_base
+
+from service import observability as obs
+from service import tracing
+from service.config import Settings
+from service.deadline import Deadline
+from service.errors import (
+    DeadlineExceeded,
+    RateLimitExceeded,
+    UpstreamError,
+    UpstreamUnreachable,
+)
+from service.ratelimit import RateLimiter
+
+log = logging.getLogger("flexwebchat.upstream")
+
+SAFE_STATUSES = frozenset({429, 503})  # refused unprocessed
+AMBIGUOUS_STATUSES = frozenset({500, 502, 504})  # may have been processed
+MAX_RETRY_AFTER = 60.0
+BASE_HEADERS = {"Accept": "application/json", "Accept-Charset": "utf-8"}
+
+
+def _version() -> str:
+    try:
+        return metadata.version("flexwebchat")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+USER_AGENT = (
+    f"flexwebchat/{_version()} ({platform.system()} {platform.machine()}) "
+    f"httpx/{httpx.__version__} Python/{platform.python_version()}"
+)
+
+
+def new_http_client(settings: Settings) -> httpx.AsyncClient:
+    """The one long-lived HTTP client, for every Twilio host; create it inside the running loop."""
+    return httpx.AsyncClient(
+        auth=httpx.BasicAuth(settings.username, settings.password.reveal()),
+        headers={"User-Agent": USER_AGENT},
+        timeout=httpx.Timeout(settings.attempt_timeout, connect=min(settings.attempt_timeout, 5)),
+        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    """One form POST; ``form`` is sent as application/x-www-form-urlencoded."""
+
+    url: str
+    form: dict[str, str]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class TwilioHttp:
+    """Sends Twilio requests under the retry policy; raises a FacadeError on failure."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        settings: Settings,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._http = http
+        self._settings = settings
+        self._sleep = sleep
+
+    async def post(
+        self,
+        request: UpstreamRequest,
+        deadline: Deadline,
+        *,
+        retry_ambiguous: bool,
+        limiter: RateLimiter | None = None,
+    ) -> httpx.Response:
+        """The first 2xx answer to ``request``, retried as the policy allows."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._settings.max_attempts) | stop_before_deadline(deadline),
+            wait=wait_retry_after(wait_random_exponential(multiplier=0.2, max=5.0)),
+            retry=retry_if_exception(lambda exc: is_retryable(exc, retry_ambiguous)),
+            before_sleep=_log_retry,
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            async with asyncio.timeout(deadline.remaining()):
+                async for attempt in retrying:
+                    with attempt:
+                        return await self._attempt(request, deadline, limiter)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                "the deadline passed before Twilio answered; the attempt in flight was cancelled"
+            ) from None
+        raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    async def _attempt(
+        self, request: UpstreamRequest, deadline: Deadline, limiter: RateLimiter | None
+    ) -> httpx.Response:
+        if limiter is not None:
+            try:
+                waited = await limiter.acquire(deadline)
+            except RateLimitExceeded:
+                obs.RATE_LIMIT_REFUSED.inc()
+                raise
+            obs.RATE_LIMIT_WAIT.observe(waited)
+        record = obs.current_rpc()
+        record.upstream_attempts += 1
+        with tracing.attempt_span(record.upstream_attempts) as span:
+            started = time.monotonic()
+            try:
+                response = await self._http.post(
+                    request.url, data=request.form, headers=BASE_HEADERS | request.headers
+                )
+            except httpx.TransportError as exc:
+                obs.UPSTREAM_REQUESTS.labels(status=type(exc).__name__).inc()
+                failure = transport_failure(exc)
+                tracing.finish(span, {}, error=failure.reason)
+                raise failure from None
+            finally:
+                obs.UPSTREAM_LATENCY.observe(time.monotonic() - started)
+            obs.UPSTREAM_REQUESTS.labels(status=str(response.status_code)).inc()
+            tracing.finish(
+                span,
+                {"http.response.status_code": response.status_code},
+                error="" if response.is_success else f"HTTP {response.status_code}",
+            )
+        if response.is_success:
+            record.twilio_code = None  # an earlier attempt's failure is not this call's outcome
+            return response
+        error = upstream_error(response)
+        record.twilio_code = error.twilio_code
+        if response.status_code == 429 and limiter is not None:
+            # Everybody slows down, not only this request.
+            await limiter.penalize(error.retry_after or 1.0)
+        raise error
+
+
+def is_retryable(exc: BaseException, retry_ambiguous: bool) -> bool:
+    if isinstance(exc, UpstreamError):
+        if exc.http_status in SAFE_STATUSES:
+            return True
+        return exc.http_status in AMBIGUOUS_STATUSES and retry_ambiguous
+    if isinstance(exc, UpstreamUnreachable):
+        return retry_ambiguous or not exc.maybe_processed
+    return False
+
+
+class stop_before_deadline(stop_base):
+    """Stop when the coming backoff (plus a moment for the attempt) would not fit the deadline."""
+
+    MIN_ATTEMPT_SECONDS = 0.05
+
+    def __init__(self, deadline: Deadline) -> None:
+        self.deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        needed = retry_state.upcoming_sleep + self.MIN_ATTEMPT_SECONDS
+        return needed >= self.deadline.remaining()
+
+
+class wait_retry_after(wait_base):
+    """Twilio's Retry-After when it sent one, else the fallback backoff."""
+
+    def __init__(self, fallback: wait_base) -> None:
+        self.fallback = fallback
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        outcome = retry_state.outcome
+        hint = getattr(outcome.exception(), "retry_after", None) if outcome else None
+        return float(hint) if hint is not None else self.fallback(retry_state)
+
+
+def is_ambiguous(exc: BaseException | None) -> bool:
+    """True when the failed request may have been processed by Twilio."""
+    if isinstance(exc, UpstreamUnreachable):
+        return exc.maybe_processed
+    return isinstance(exc, UpstreamError) and exc.http_status in AMBIGUOUS_STATUSES
+
+
+def _log_retry(retry_state: RetryCallState) -> None:
+    exc = retry_state.outcome.exception() if retry_state.outcome else None
+    cause = str(exc.http_status) if isinstance(exc, UpstreamError) else type(exc).__name__
+    obs.UPSTREAM_RETRIES.labels(cause=cause).inc()
+    fields: dict[str, Any] = {
+        "attempt": retry_state.attempt_number,
+        "cause": cause,
+        "sleep_s": round(retry_state.upcoming_sleep, 3),
+    }
+    if is_ambiguous(exc):
+        obs.POSSIBLE_DUPLICATES.inc()
+        log.warning(
+            "retrying after an ambiguous failure: Twilio may have created a conversation "
+            "that nobody will use",
+            extra={"fields": fields},
+        )
+    else:
+        log.info("retrying upstream request", extra={"fields": fields})
+
+
+def transport_failure(exc: httpx.TransportError) -> UpstreamUnreachable:
+    never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+    reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return UpstreamUnreachable(reason, maybe_processed=not never_sent)
+
+
+def upstream_error(response: httpx.Response) -> UpstreamError:
+    """An UpstreamError from any error response; Twilio's JSON body is used when it has one."""
+    body: Any = None
+    try:
+        body = response.json()
+    except ValueError:
+        pass
+    if not isinstance(body, dict):
+        body = {}
+    code = body.get("code")
+    message = body.get("message")
+    more_info = body.get("more_info")
+    if not isinstance(message, str) or not message:
+        message = response.reason_phrase or f"HTTP {response.status_code}"
+    return UpstreamError(
+        response.status_code,
+        message[:1000],
+        twilio_code=code if isinstance(code, int) and not isinstance(code, bool) else None,
+        more_info=more_info if isinstance(more_info, str) else "",
+        retry_after=parse_retry_after(response.headers.get("Retry-After")),
+    )
+
+
+def json_object(response: httpx.Response) -> dict[str, Any] | None:
+    """The response body as a JSON object, or None."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), capped; None if absent."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
