@@ -30,7 +30,7 @@ from aiohttp import web
 ACCOUNT_SID = "AC" + "0" * 32
 AUTH_TOKEN = "emulator-auth-token"
 API_KEY = "SK" + "0" * 32
-API_SECRET = "emulator-api-secret"
+API_SECRET = "emulator-api-secret-signs-demo-tokens"  # 32+ bytes, as HS256 wants
 ADDRESS_SID = re.compile(r"IG[0-9a-fA-F]{32}")
 SERVICE_SID = "IS" + "0" * 32  # the demo Flex conversations service (make run's guest tokens)
 MAX_PRE_ENGAGEMENT_BYTES = 16 * 1024

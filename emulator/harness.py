@@ -22,7 +22,7 @@ import redis
 from flexwebchat.v1 import webchat_pb2, webchat_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from emulator.app import ACCOUNT_SID, AUTH_TOKEN
+from emulator.app import ACCOUNT_SID, API_KEY, API_SECRET, AUTH_TOKEN, SERVICE_SID
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout
 ADDRESS_SID = "IG" + "0123456789abcdef" * 2
@@ -111,6 +111,13 @@ class FacadeProcess:
         fields.setdefault("address_sid", ADDRESS_SID)
         return self.stub.CreateWebChat(webchat_pb2.CreateWebChatRequest(**fields), timeout=timeout)
 
+    def refresh(self, access_token: str, timeout: float = 10) -> Any:
+        request = webchat_pb2.RefreshGuestTokenRequest(access_token=access_token)
+        return self.stub.RefreshGuestToken(request, timeout=timeout)
+
+    def metrics(self) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics").text
+
     def logs(self) -> str:
         return self.log_path.read_text()
 
@@ -148,6 +155,16 @@ def facade_env(emulator_url: str, **overrides: str) -> dict[str, str]:
     )
     env.update(overrides)
     return env
+
+
+def guest_env(emulator_url: str) -> dict[str, str]:
+    """facade_env overrides turning guest tokens and first messages on (emulator API key)."""
+    return {
+        "TWILIO_API_KEY": API_KEY,
+        "TWILIO_API_SECRET": API_SECRET,
+        "TWILIO_CONVERSATIONS_SERVICE_SID": SERVICE_SID,
+        "CONVERSATIONS_API_BASE_URL": emulator_url,
+    }
 
 
 def start_facade(env: dict[str, str], log_path: Path) -> FacadeProcess:

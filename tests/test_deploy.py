@@ -143,7 +143,7 @@ def test_the_images_entrypoint_runs_as_pid_1_and_drains_on_sigterm(
     """The exact ENTRYPOINT, from /, with the image's environment, in a PID namespace of its own
     where it is PID 1 (as in a container), with credentials from files (as in Kubernetes)."""
     (tmp_path / "api-key").write_text("SK" + "0" * 32)
-    (tmp_path / "api-secret").write_text("emulator-api-secret")
+    (tmp_path / "api-secret").write_text("emulator-api-secret-signs-demo-tokens")
     health_port = free_port()
     env = facade_env(
         upstream.url,
