@@ -54,6 +54,7 @@ class Settings:
     region: str = ""
     ui_version: str = ""
     attempt_timeout: float = 10.0
+    latency_estimate: float = 1.0  # expected attempt duration until enough are observed
     max_attempts: int = 4
     retry_ambiguous: bool = False
     default_deadline: float = 30.0
@@ -65,6 +66,7 @@ class Settings:
     # Account-wide rate limit
     rate_limit_rps: float = 5.0
     rate_limit_burst: int = 1
+    max_pending_per_caller: int = 100
     # Idempotency records
     idempotency_ttl: float = 24 * 3600.0
     idempotency_lock: float = 10.0
@@ -107,12 +109,16 @@ class Settings:
             guest_token_ttl=_token_ttl(reader),
             ui_version=reader.text("FLEX_UI_VERSION"),
             attempt_timeout=reader.number("FLEX_ATTEMPT_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+            latency_estimate=reader.number("FLEX_LATENCY_ESTIMATE_SECONDS", 1.0, minimum=0.0),
             max_attempts=int(reader.number("FLEX_MAX_ATTEMPTS", 4, minimum=1)),
             retry_ambiguous=reader.flag("FLEX_RETRY_AMBIGUOUS"),
             default_deadline=reader.number("FLEX_DEFAULT_DEADLINE_SECONDS", 30.0, minimum=0.1),
             max_deadline=reader.number("FLEX_MAX_DEADLINE_SECONDS", 60.0, minimum=0.1),
             rate_limit_rps=reader.number("FLEX_RATE_LIMIT_RPS", 5.0, minimum=0.0),
             rate_limit_burst=int(reader.number("FLEX_RATE_LIMIT_BURST", 1, minimum=1)),
+            max_pending_per_caller=int(
+                reader.number("FLEX_MAX_PENDING_PER_CALLER", 100, minimum=1)
+            ),
             idempotency_ttl=reader.number("IDEMPOTENCY_TTL_SECONDS", 86400.0, minimum=1.0),
             idempotency_lock=reader.number("IDEMPOTENCY_LOCK_SECONDS", 10.0, minimum=0.5),
             idempotency_max_local_records=int(

@@ -30,11 +30,12 @@ class ConversationsClient:
     ) -> str:
         """Posts ``body`` as ``author``, webhooks on; the message's ``IM…`` SID."""
         request = UpstreamRequest(
+            "messages",
             f"{self._base}/v1/Conversations/{quote(conversation_sid, safe='')}/Messages",
             {"Author": author, "Body": body},
             {"X-Twilio-Webhook-Enabled": "true"},
         )
-        response = await self._twilio.post(request, deadline, retry_ambiguous=False)
+        response = await self._twilio.send(request, deadline, retry_ambiguous=False)
         sid = (json_object(response) or {}).get("sid")
         if not isinstance(sid, str) or not MESSAGE_SID.fullmatch(sid):
             raise UpstreamBadResponse(response.status_code, "message sid is not IM + 32 hex")

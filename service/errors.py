@@ -9,6 +9,9 @@ Exception tree::
     ├── UpstreamBadResponse          2xx with an unusable body (INTERNAL)
     ├── RateLimitExceeded            the account-wide budget cannot fit the deadline
     ├── DeadlineExceeded             the caller's deadline (or the server maximum) ran out
+    ├── MaybeProcessed               ambiguous failure of a call without request_id (no RetryInfo)
+    ├── CallerQuotaExceeded          one caller already has too many calls queued or in flight
+    ├── Draining                     this replica is shutting down; another one will serve
     ├── SharedStateUnavailable       Redis (shared limits, idempotency) cannot be reached
     ├── Unauthenticated              caller auth is on and the call has no valid token
     ├── TokensNotConfigured          issue_token/RefreshGuestToken without token settings
@@ -92,6 +95,36 @@ class RateLimitExceeded(FacadeError):
 
 class DeadlineExceeded(FacadeError):
     """The deadline ran out before Twilio answered."""
+
+
+class MaybeProcessed(FacadeError):
+    """A call without request_id failed after its request may have been processed: a retry could
+    create a second conversation, so the status must not invite one."""
+
+    def __init__(self, cause: FacadeError) -> None:
+        self.cause = cause
+        super().__init__(
+            f"{cause}; the conversation may have been created anyway, and a retry may create a "
+            "second one (send a request_id to make retries safe)"
+        )
+
+
+class CallerQuotaExceeded(FacadeError):
+    """One caller may not hold more than its share of the queue and the upstream."""
+
+    def __init__(self, caller: str, limit: int) -> None:
+        self.retry_after = 1.0
+        super().__init__(
+            f"caller {caller!r} already has {limit} calls queued or in flight "
+            "(FLEX_MAX_PENDING_PER_CALLER); retry when some have finished"
+        )
+
+
+class Draining(FacadeError):
+    """The replica is shutting down: queued and new calls go elsewhere."""
+
+    def __init__(self) -> None:
+        super().__init__("this replica is shutting down; nothing was sent; retry")
 
 
 class SharedStateUnavailable(FacadeError):
@@ -196,6 +229,27 @@ def to_status(exc: BaseException) -> status_pb2.Status:
             return _status(
                 code_pb2.RESOURCE_EXHAUSTED, str(exc), info, _retry_info(exc.retry_after)
             )
+        case MaybeProcessed():
+            status = to_status(exc.cause)
+            kept = [d for d in status.details if not d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+            for packed in kept:
+                if packed.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    packed.Unpack(info)
+                    info.metadata["maybe_processed"] = "true"
+                    packed.Pack(info)
+            del status.details[:]
+            status.details.extend(kept)
+            status.message = str(exc)
+            return status
+        case CallerQuotaExceeded():
+            info = _error_info("CALLER_QUOTA", FACADE_DOMAIN, {})
+            return _status(
+                code_pb2.RESOURCE_EXHAUSTED, str(exc), info, _retry_info(exc.retry_after)
+            )
+        case Draining():
+            info = _error_info("DRAINING", FACADE_DOMAIN, {})
+            return _status(code_pb2.UNAVAILABLE, str(exc), info, _retry_info(0.0))
         case DeadlineExceeded():
             return _status(code_pb2.DEADLINE_EXCEEDED, str(exc) or "deadline exceeded")
         case SharedStateUnavailable():

@@ -18,7 +18,7 @@ from service.config import Settings
 from service.deadline import Deadline
 from service.errors import UpstreamBadResponse
 from service.params import WebChatParams
-from service.ratelimit import RateLimiter
+from service.ratelimit import Limiter
 from service.upstream import TwilioHttp, UpstreamRequest, json_object
 
 WEBCHATS_PATH = "/v2/WebChats"
@@ -32,7 +32,7 @@ class WebChat:
 
 
 class FlexClient:
-    def __init__(self, twilio: TwilioHttp, settings: Settings, limiter: RateLimiter) -> None:
+    def __init__(self, twilio: TwilioHttp, settings: Settings, limiter: Limiter) -> None:
         self._twilio = twilio
         self._settings = settings
         self._limiter = limiter
@@ -46,8 +46,8 @@ class FlexClient:
         ui_version = params.ui_version or self._settings.ui_version
         if ui_version:
             headers["Ui-Version"] = ui_version
-        response = await self._twilio.post(
-            UpstreamRequest(self._url, params.form(), headers),
+        response = await self._twilio.send(
+            UpstreamRequest("webchats", self._url, params.form(), headers),
             deadline,
             retry_ambiguous=retry_ambiguous or self._settings.retry_ambiguous,
             limiter=self._limiter,

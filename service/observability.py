@@ -37,6 +37,15 @@ UPSTREAM_LATENCY = Histogram(
     "Duration of one upstream attempt",
     buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
 )
+UPSTREAM_LATENCY_ESTIMATE = Gauge(
+    "flexwebchat_upstream_latency_estimate_seconds",
+    "Expected duration of an upstream attempt (p95 of recent successes): what admission uses",
+    ["endpoint"],
+)
+ORPHANED_CONVERSATIONS = Counter(
+    "flexwebchat_orphaned_conversations",
+    "Conversations Twilio created after their caller (without request_id) had left",
+)
 UPSTREAM_RETRIES = Counter("flexwebchat_upstream_retries", "Upstream retries, by cause", ["cause"])
 POSSIBLE_DUPLICATES = Counter(
     "flexwebchat_possible_duplicates",

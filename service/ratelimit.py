@@ -1,126 +1,204 @@
-"""The account-wide upstream rate limit: a GCRA (token bucket) that queues instead of failing.
+"""The account-wide upstream rate limit: a GCRA schedule with a FIFO queue in front of it.
 
-Each upstream attempt reserves the next free slot in arrival order, so waiting is fair FIFO. A
-request whose slot lies beyond its deadline is refused at once with RateLimitExceeded rather than
-timing out later. A 429 from Twilio pushes the next slot back for every caller (``penalize``),
-including those already waiting for a slot: they wake, see the pause, and take a new slot after it.
+Slots are taken only when they come due. Waiters queue in arrival order; only the one at the head
+asks the schedule, sleeps until its slot is due, takes it, and hands the head to the next. A
+waiter that leaves (cancelled, refused, or its deadline too near) takes nothing with it, so
+abandoned calls cost other callers nothing, on this replica or on any other sharing the schedule.
 
-``LocalRateLimiter`` holds the schedule in this process; ``service.shared.RedisRateLimiter`` holds
-it in Redis so that every replica draws from one budget.
+Admission: an attempt starts only if its slot plus ``need`` (the time an upstream round trip is
+expected to take) fits the time left. A call whose turn would come too late is refused at once,
+RateLimitExceeded with the predicted wait; one whose deadline cannot hold a round trip even with
+no wait is DeadlineExceeded. A 429 from Twilio pushes the schedule back for every caller
+(``penalize``); the head simply finds its slot later.
+
+``LocalSchedule`` keeps the schedule in this process; ``service.shared.RedisSchedule`` keeps it in
+Redis so that every replica draws from one budget.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 from service.deadline import Deadline
-from service.errors import RateLimitExceeded
+from service.errors import CallerQuotaExceeded, DeadlineExceeded, Draining, RateLimitExceeded
 
 
-class RateLimiter(Protocol):
-    async def acquire(self, deadline: Deadline) -> float:
-        """Waits for a slot; returns the seconds waited. Raises RateLimitExceeded."""
+class Schedule(Protocol):
+    async def take(self) -> float:
+        """Takes a slot if one is due now and returns 0; else the seconds until one is."""
         ...
 
     async def penalize(self, seconds: float) -> None:
-        """Twilio said 429: admit nobody for ``seconds``."""
+        """Twilio said 429: no slot comes due for ``seconds``."""
         ...
-
-    async def close(self) -> None: ...
-
-
-class Unlimited:
-    """FLEX_RATE_LIMIT_RPS=0: no local limit (Twilio's own 429s are still retried)."""
-
-    async def acquire(self, deadline: Deadline) -> float:
-        return 0.0
-
-    async def penalize(self, seconds: float) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
 
 
 class Gcra:
-    """The schedule arithmetic, shared by the local and the Redis limiter (which runs it in Lua).
+    """The schedule arithmetic, shared by the local and the Redis schedule (which runs it in Lua).
 
-    ``tat`` is the theoretical arrival time of the next request. A request arriving at ``now``
-    may start at ``max(now, tat - tolerance)``; reserving it moves ``tat`` one interval on.
+    ``tat`` is the theoretical arrival time of the next request. A slot is due at
+    ``tat - tolerance``; taking it moves ``tat`` one interval on.
     """
 
     def __init__(self, rate_per_second: float, burst: int) -> None:
         self.interval = 1.0 / rate_per_second
         self.tolerance = (burst - 1) * self.interval
 
-    def reserve(self, tat: float, now: float) -> tuple[float, float]:
-        """(seconds to wait, new tat)."""
-        start = max(now, tat - self.tolerance)
-        return start - now, max(tat, now) + self.interval
+    def take(self, tat: float, now: float) -> tuple[float, float]:
+        """(seconds until a slot is due, 0 if taken now; the new tat)."""
+        due = tat - self.tolerance
+        if due > now:
+            return due - now, tat
+        return 0.0, max(tat, now) + self.interval
 
     def penalized(self, tat: float, now: float, seconds: float) -> float:
         return max(tat, now + seconds + self.tolerance)
 
 
-class QueuedRateLimiter:
-    """The waiting shared by both limiters: reserve a slot, sleep until it, and take a new one if
-    a 429 pause began meanwhile. Subclasses keep the schedule (``_reserve``, ``_pauses``)."""
-
-    def __init__(self, sleep: Callable[[float], Awaitable[None]]) -> None:
-        self._sleep = sleep
-
-    async def _reserve(self, max_wait: float) -> tuple[float, int]:
-        """Reserves the next slot: (seconds until it, pauses so far). RateLimitExceeded when the
-        slot is more than ``max_wait`` away (then nothing is reserved)."""
-        raise NotImplementedError
-
-    async def _pauses(self) -> int:
-        raise NotImplementedError
-
-    async def acquire(self, deadline: Deadline) -> float:
-        waited = 0.0
-        while True:
-            wait, pauses = await self._reserve(deadline.remaining())
-            if wait <= 0:
-                return waited
-            await self._sleep(wait)
-            waited += wait
-            if await self._pauses() == pauses:
-                return waited
-            # Twilio answered 429 while this request waited: queue again, after the pause.
-
-
-class LocalRateLimiter(QueuedRateLimiter):
+class LocalSchedule:
     def __init__(
-        self,
-        rate_per_second: float,
-        burst: int,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        self, rate_per_second: float, burst: int, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        super().__init__(sleep)
-        self._gcra = Gcra(rate_per_second, burst)
+        self.gcra = Gcra(rate_per_second, burst)
         self._tat = 0.0
-        self._pause_count = 0  # how many 429 pauses so far
         self._clock = clock
 
-    async def _reserve(self, max_wait: float) -> tuple[float, int]:
-        wait, tat = self._gcra.reserve(self._tat, self._clock())
-        if wait > max_wait:
-            raise RateLimitExceeded(retry_after=wait)
-        self._tat = tat
-        return wait, self._pause_count
-
-    async def _pauses(self) -> int:
-        return self._pause_count
+    async def take(self) -> float:
+        wait, self._tat = self.gcra.take(self._tat, self._clock())
+        return wait
 
     async def penalize(self, seconds: float) -> None:
-        self._tat = self._gcra.penalized(self._tat, self._clock(), seconds)
-        self._pause_count += 1
+        self._tat = self.gcra.penalized(self._tat, self._clock(), seconds)
 
-    async def close(self) -> None:
+
+def require_time_for(need: float, deadline: Deadline) -> None:
+    """DeadlineExceeded when the deadline cannot hold an upstream round trip at all."""
+    if deadline.remaining() < need:
+        raise DeadlineExceeded(
+            f"the deadline leaves {deadline.remaining():.2f}s, less than an upstream round trip "
+            f"takes (about {need:.2f}s); nothing was sent; retry with a longer deadline"
+        )
+
+
+class _Waiter:
+    __slots__ = ("signal",)
+
+    def __init__(self) -> None:
+        # Resolved when this waiter reaches the head; failed with Draining when the limiter closes.
+        self.signal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+class RateLimiter:
+    """The FIFO queue in front of a schedule."""
+
+    def __init__(self, schedule: Schedule, interval: float) -> None:
+        self._schedule = schedule
+        self._interval = interval
+        self._queue: deque[_Waiter] = deque()
+        self._head_due = 0.0  # monotonic time the head expects its slot
+        self._closed = False
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def acquire(self, deadline: Deadline, need: float = 0.0) -> float:
+        """Waits for a slot; returns the seconds waited. Raises RateLimitExceeded,
+        DeadlineExceeded or Draining, having taken nothing."""
+        if self._closed:
+            raise Draining()
+        require_time_for(need, deadline)
+        started = time.monotonic()
+        ahead = len(self._queue)
+        if ahead:
+            predicted = max(self._head_due - started, 0.0) + ahead * self._interval
+            if predicted + need > deadline.remaining():
+                raise RateLimitExceeded(retry_after=predicted)
+        waiter = _Waiter()
+        self._queue.append(waiter)
+        try:
+            if ahead and not await self._park(waiter, deadline.remaining() - need):
+                raise RateLimitExceeded(retry_after=len(self._queue) * self._interval)
+            while True:  # at the head
+                if deadline.remaining() < need:
+                    raise RateLimitExceeded(retry_after=len(self._queue) * self._interval)
+                wait = await self._schedule.take()
+                if wait <= 0:
+                    return time.monotonic() - started
+                self._head_due = time.monotonic() + wait
+                if wait + need > deadline.remaining():
+                    raise RateLimitExceeded(retry_after=wait + len(self._queue) * self._interval)
+                waiter.signal = asyncio.get_running_loop().create_future()
+                await self._park(waiter, wait)
+        finally:
+            self._leave(waiter)
+
+    @staticmethod
+    async def _park(waiter: _Waiter, seconds: float) -> bool:
+        """Waits up to ``seconds`` for the waiter's signal: True if it came; raises Draining."""
+        try:
+            await asyncio.wait_for(waiter.signal, max(seconds, 0.0))
+        except TimeoutError:
+            return False
+        return True
+
+    def _leave(self, waiter: _Waiter) -> None:
+        was_head = self._queue[0] is waiter
+        self._queue.remove(waiter)
+        if was_head and self._queue and not self._queue[0].signal.done():
+            self._queue[0].signal.set_result(None)
+
+    async def penalize(self, seconds: float) -> None:
+        await self._schedule.penalize(seconds)
+
+    def close(self) -> None:
+        """Draining: refuse every queued waiter and every newcomer, at once."""
+        self._closed = True
+        for waiter in self._queue:
+            if not waiter.signal.done():
+                waiter.signal.set_exception(Draining())
+
+
+class Unlimited:
+    """FLEX_RATE_LIMIT_RPS=0: no local limit (Twilio's own 429s are still retried)."""
+
+    queued = 0
+
+    async def acquire(self, deadline: Deadline, need: float = 0.0) -> float:
+        require_time_for(need, deadline)
+        return 0.0
+
+    async def penalize(self, seconds: float) -> None:
         return None
+
+    def close(self) -> None:
+        return None
+
+
+Limiter = RateLimiter | Unlimited
+
+
+class CallerQuota:
+    """At most ``limit`` calls per caller queued or in flight upstream, so that one caller
+    (careless or hostile) cannot fill the queue that every caller shares."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._pending: Counter[str] = Counter()
+
+    @contextmanager
+    def hold(self, caller: str) -> Iterator[None]:
+        if self._pending[caller] >= self._limit:
+            raise CallerQuotaExceeded(caller, self._limit)
+        self._pending[caller] += 1
+        try:
+            yield
+        finally:
+            self._pending[caller] -= 1
+            if not self._pending[caller]:
+                del self._pending[caller]

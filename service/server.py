@@ -25,7 +25,7 @@ from service.conversations import ConversationsClient
 from service.flex import FlexClient
 from service.idempotency import IdempotencyStore, LocalRecords, RecordBackend
 from service.interceptors import RpcObserver
-from service.ratelimit import LocalRateLimiter, RateLimiter, Unlimited
+from service.ratelimit import Limiter, LocalSchedule, RateLimiter, Unlimited
 from service.tokens import GuestTokens
 from service.upstream import TwilioHttp, new_http_client
 from service.webchat import WebChatServicer
@@ -42,8 +42,9 @@ class Facade:
     server: grpc.aio.Server
     health: Any
     http: httpx.AsyncClient
-    limiter: RateLimiter
+    limiter: Limiter
     records: RecordBackend
+    servicer: WebChatServicer
     port: int
     health_server: grpc.aio.Server | None = None
     metrics: Any = None
@@ -123,6 +124,7 @@ class Facade:
             http,
             limiter,
             records,
+            servicer,
             port,
             health_server,
             metrics,
@@ -135,11 +137,13 @@ class Facade:
         await self.health.enter_graceful_shutdown()
         log.info("draining", extra={"fields": {"delay_s": self.settings.shutdown_delay}})
         await asyncio.sleep(self.settings.shutdown_delay)
+        self.limiter.close()  # callers still queued go elsewhere at once
         await self.server.stop(grace=self.settings.shutdown_grace)
+        # Requests already at Twilio finish and are recorded, whatever their callers did.
+        await self.servicer.executions.drain(within=self.settings.attempt_timeout + 1)
         if self.health_server is not None:
             await self.health_server.stop(grace=None)
         await self.http.aclose()
-        await self.limiter.close()
         await self.records.close()
         if self.metrics is not None:
             self.metrics.shutdown()
@@ -159,17 +163,16 @@ async def serve(settings: Settings) -> None:
     await facade.stop()
 
 
-async def _state(settings: Settings) -> tuple[RateLimiter, RecordBackend]:
+async def _state(settings: Settings) -> tuple[Limiter, RecordBackend]:
     """Rate limit and idempotency records: in Redis when REDIS_URL is set, else in-process."""
     if settings.redis_url is not None:
         from service.shared import connect_shared_state
 
         return await connect_shared_state(settings)
-    limiter: RateLimiter = (
-        LocalRateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
-        if settings.rate_limit_rps > 0
-        else Unlimited()
-    )
+    limiter: Limiter = Unlimited()
+    if settings.rate_limit_rps > 0:
+        schedule = LocalSchedule(settings.rate_limit_rps, settings.rate_limit_burst)
+        limiter = RateLimiter(schedule, schedule.gcra.interval)
     return limiter, LocalRecords(max_records=settings.idempotency_max_local_records)
 
 

@@ -10,7 +10,6 @@ guarantee, which is what callers rely on.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
@@ -21,9 +20,9 @@ from redis.exceptions import RedisError
 
 from service import observability as obs
 from service.config import Settings
-from service.errors import RateLimitExceeded, SharedStateUnavailable
+from service.errors import SharedStateUnavailable
 from service.idempotency import Record
-from service.ratelimit import Gcra, QueuedRateLimiter, RateLimiter, Unlimited
+from service.ratelimit import Gcra, RateLimiter, Unlimited
 
 log = logging.getLogger("flexwebchat.shared")
 
@@ -31,23 +30,20 @@ SOCKET_TIMEOUT = 0.5  # a Redis that does not answer in this time counts as down
 PREFIX = "flexwebchat"
 
 # The arithmetic of service.ratelimit.Gcra, in microseconds of Redis server time.
-# KEYS: schedule, pause counter. ARGV: interval, tolerance, longest acceptable wait.
-# Returns {wait, pauses}, or {-1 - wait, pauses} if refused.
-ACQUIRE = """
+# KEYS: schedule. ARGV: interval, tolerance. Takes a slot if one is due (returns 0), else returns
+# the microseconds until one is, taking nothing.
+TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-local interval, tolerance = tonumber(ARGV[1]), tonumber(ARGV[2])
-local start = math.max(now, tat - tolerance)
-local wait = start - now
-local pauses = tonumber(redis.call('GET', KEYS[2]) or '0')
-if wait > tonumber(ARGV[3]) then return {-1 - wait, pauses} end
-local new_tat = math.max(tat, now) + interval
+local due = tat - tonumber(ARGV[2])
+if due > now then return due - now end
+local new_tat = math.max(tat, now) + tonumber(ARGV[1])
 local idle_ms = math.ceil((new_tat - now) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', idle_ms)
-return {wait, pauses}
+return 0
 """
-# KEYS: schedule, pause counter. ARGV: tolerance, penalty. Nobody starts before now + penalty.
+# KEYS: schedule. ARGV: tolerance, penalty. No slot comes due before now + penalty.
 PENALIZE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -55,7 +51,6 @@ local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 local new_tat = math.max(tat, now + tonumber(ARGV[2]) + tonumber(ARGV[1]))
 local idle_ms = math.ceil((new_tat - now) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', idle_ms)
-redis.call('INCR', KEYS[2])
 return 0
 """
 # Idempotency records are JSON; only their owner may refresh, complete or release a pending one.
@@ -83,7 +78,9 @@ return 0
 """
 
 
-async def connect_shared_state(settings: Settings) -> tuple[RateLimiter, RedisRecords]:
+async def connect_shared_state(
+    settings: Settings,
+) -> tuple[RateLimiter | Unlimited, RedisRecords]:
     assert settings.redis_url is not None
     client = aioredis.Redis.from_url(
         settings.redis_url.reveal(),
@@ -99,11 +96,11 @@ async def connect_shared_state(settings: Settings) -> tuple[RateLimiter, RedisRe
             "Redis is unreachable at startup; calls fail with UNAVAILABLE until it is back",
             extra={"fields": {"error": type(exc).__name__}},
         )
-    limiter: RateLimiter = Unlimited()
+    limiter: RateLimiter | Unlimited = Unlimited()
     if settings.rate_limit_rps > 0:
-        # The braces are a hash tag: under Redis Cluster both of the limiter's keys share a slot.
         key = f"{PREFIX}:{{{settings.username}}}:ratelimit"
-        limiter = RedisRateLimiter(client, key, settings.rate_limit_rps, settings.rate_limit_burst)
+        schedule = RedisSchedule(client, key, settings.rate_limit_rps, settings.rate_limit_burst)
+        limiter = RateLimiter(schedule, schedule.gcra.interval)
     return limiter, RedisRecords(client)
 
 
@@ -113,42 +110,30 @@ def _unavailable(exc: RedisError) -> SharedStateUnavailable:
     return SharedStateUnavailable(type(exc).__name__)
 
 
-class RedisRateLimiter(QueuedRateLimiter):
+class RedisSchedule:
     """One GCRA schedule for every replica."""
 
     def __init__(self, client: aioredis.Redis, key: str, rate: float, burst: int) -> None:
-        super().__init__(asyncio.sleep)
         self._client = client
-        self._keys = [key, f"{key}:pauses"]
-        self._gcra = Gcra(rate, burst)
-        self._acquire = client.register_script(ACQUIRE)
+        self._keys = [key]
+        self.gcra = Gcra(rate, burst)
+        self._take = client.register_script(TAKE)
         self._penalize = client.register_script(PENALIZE)
 
-    async def _reserve(self, max_wait: float) -> tuple[float, int]:
-        args = [_us(self._gcra.interval), _us(self._gcra.tolerance), _us(max_wait)]
+    async def take(self) -> float:
+        args = [_us(self.gcra.interval), _us(self.gcra.tolerance)]
         try:
-            wait_us, pauses = await self._acquire(keys=self._keys, args=args)
+            wait_us = await self._take(keys=self._keys, args=args)
         except RedisError as exc:
             raise _unavailable(exc) from None
-        if wait_us < 0:
-            raise RateLimitExceeded(retry_after=(-1 - wait_us) / 1e6)
-        return wait_us / 1e6, int(pauses)
-
-    async def _pauses(self) -> int:
-        try:
-            return int(await self._client.get(self._keys[1]) or 0)
-        except RedisError as exc:
-            raise _unavailable(exc) from None
+        return int(wait_us) / 1e6
 
     async def penalize(self, seconds: float) -> None:
-        args = [_us(self._gcra.tolerance), _us(seconds)]
+        args = [_us(self.gcra.tolerance), _us(seconds)]
         try:
             await self._penalize(keys=self._keys, args=args)
         except RedisError as exc:
             raise _unavailable(exc) from None
-
-    async def close(self) -> None:
-        return None  # the client is shared with RedisRecords, which closes it
 
 
 class RedisRecords:

@@ -9,18 +9,23 @@ so a re-sent request can create a second conversation or message. Failures are c
   -> retried only when the caller allows it (``retry_ambiguous``), and logged;
 * final: any other answer -> never retried.
 
-No attempt starts, and no backoff sleeps, past the deadline; the attempt in flight when the
-deadline passes is cancelled. Only requests that go through a ``limiter`` draw on the account's
-rate budget (the WebChats orchestrator's 5/s).
+Admission from observed latency: an attempt, first or retry, starts only if its rate-limit slot
+plus the time an attempt is expected to take (a high percentile of recent successful attempts,
+plus a margin) fits the time left; otherwise the call is refused at once, having sent nothing. No
+backoff sleeps past that point. Once a request may have left it is never cancelled: it runs to its
+own timeout (``service.execution``). Only requests that go through a ``limiter`` draw on the
+account's rate budget (the WebChats orchestrator's 5/s).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import email.utils
 import logging
 import platform
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -37,17 +42,16 @@ from tenacity import (
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
+from service import execution, tracing
 from service import observability as obs
-from service import tracing
 from service.config import Settings
 from service.deadline import Deadline
 from service.errors import (
-    DeadlineExceeded,
     RateLimitExceeded,
     UpstreamError,
     UpstreamUnreachable,
 )
-from service.ratelimit import RateLimiter
+from service.ratelimit import Limiter, require_time_for
 
 log = logging.getLogger("flexwebchat.upstream")
 
@@ -84,11 +88,47 @@ def new_http_client(settings: Settings) -> httpx.AsyncClient:
 
 @dataclass(frozen=True)
 class UpstreamRequest:
-    """One form POST; ``form`` is sent as application/x-www-form-urlencoded."""
+    """One request; ``form`` (POST) is sent as application/x-www-form-urlencoded. ``endpoint``
+    names it for the latency estimate and metrics."""
 
+    endpoint: str
     url: str
-    form: dict[str, str]
+    form: dict[str, str] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    method: str = "POST"
+
+
+class LatencyEstimate:
+    """How long an attempt is expected to take: the 95th percentile of recent successful
+    attempts, or a configured starting value until there are enough of them."""
+
+    WINDOW = 200
+    MIN_SAMPLES = 20
+    MARGIN = 0.05  # seconds, on top of 10%: what admission adds for scheduling and the answer
+
+    def __init__(self, endpoint: str, initial: float) -> None:
+        self._samples: deque[float] = deque(maxlen=self.WINDOW)
+        self._sorted: list[float] = []
+        self._value = initial
+        self._gauge = obs.UPSTREAM_LATENCY_ESTIMATE.labels(endpoint=endpoint)
+        self._gauge.set(initial)
+
+    def observe(self, seconds: float) -> None:
+        if len(self._samples) == self.WINDOW:
+            self._sorted.pop(bisect.bisect_left(self._sorted, self._samples[0]))
+        self._samples.append(seconds)
+        bisect.insort(self._sorted, seconds)
+        if len(self._sorted) >= self.MIN_SAMPLES:
+            self._value = self._sorted[int(len(self._sorted) * 0.95)]
+            self._gauge.set(self._value)
+
+    @property
+    def value(self) -> float:
+        return self._value
+
+    def need(self) -> float:
+        """The time an attempt must have left to start."""
+        return self._value * 1.1 + self.MARGIN
 
 
 class TwilioHttp:
@@ -104,52 +144,66 @@ class TwilioHttp:
         self._http = http
         self._settings = settings
         self._sleep = sleep
+        self._estimates: dict[str, LatencyEstimate] = {}
 
-    async def post(
+    def estimate(self, endpoint: str) -> LatencyEstimate:
+        if endpoint not in self._estimates:
+            initial = self._settings.latency_estimate
+            self._estimates[endpoint] = LatencyEstimate(endpoint, initial)
+        return self._estimates[endpoint]
+
+    async def send(
         self,
         request: UpstreamRequest,
         deadline: Deadline,
         *,
         retry_ambiguous: bool,
-        limiter: RateLimiter | None = None,
+        limiter: Limiter | None = None,
     ) -> httpx.Response:
         """The first 2xx answer to ``request``, retried as the policy allows."""
+        estimate = self.estimate(request.endpoint)
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._settings.max_attempts) | stop_before_deadline(deadline),
+            stop=stop_after_attempt(self._settings.max_attempts)
+            | stop_unless_attempt_fits(deadline, estimate)
+            | stop_if_caller_left(),
             wait=wait_retry_after(wait_random_exponential(multiplier=0.2, max=5.0)),
             retry=retry_if_exception(lambda exc: is_retryable(exc, retry_ambiguous)),
             before_sleep=_log_retry,
             sleep=self._sleep,
             reraise=True,
         )
-        try:
-            async with asyncio.timeout(deadline.remaining()):
-                async for attempt in retrying:
-                    with attempt:
-                        return await self._attempt(request, deadline, limiter)
-        except TimeoutError:
-            raise DeadlineExceeded(
-                "the deadline passed before Twilio answered; the attempt in flight was cancelled"
-            ) from None
+        async for attempt in retrying:
+            with attempt:
+                return await self._attempt(request, deadline, limiter, estimate)
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
     async def _attempt(
-        self, request: UpstreamRequest, deadline: Deadline, limiter: RateLimiter | None
+        self,
+        request: UpstreamRequest,
+        deadline: Deadline,
+        limiter: Limiter | None,
+        estimate: LatencyEstimate,
     ) -> httpx.Response:
         if limiter is not None:
             try:
-                waited = await limiter.acquire(deadline)
+                waited = await limiter.acquire(deadline, estimate.need())
             except RateLimitExceeded:
                 obs.RATE_LIMIT_REFUSED.inc()
                 raise
             obs.RATE_LIMIT_WAIT.observe(waited)
+        else:
+            require_time_for(estimate.need(), deadline)
         record = obs.current_rpc()
         record.upstream_attempts += 1
-        with tracing.attempt_span(record.upstream_attempts) as span:
+        with tracing.attempt_span(record.upstream_attempts) as span, execution.current().send():
             started = time.monotonic()
             try:
-                response = await self._http.post(
-                    request.url, data=request.form, headers=BASE_HEADERS | request.headers
+                # From here the request may leave: nothing cancels it but its own timeout.
+                response = await self._http.request(
+                    request.method,
+                    request.url,
+                    data=request.form,
+                    headers=BASE_HEADERS | request.headers,
                 )
             except httpx.TransportError as exc:
                 obs.UPSTREAM_REQUESTS.labels(status=type(exc).__name__).inc()
@@ -165,6 +219,7 @@ class TwilioHttp:
                 error="" if response.is_success else f"HTTP {response.status_code}",
             )
         if response.is_success:
+            estimate.observe(time.monotonic() - started)
             record.twilio_code = None  # an earlier attempt's failure is not this call's outcome
             return response
         error = upstream_error(response)
@@ -185,17 +240,22 @@ def is_retryable(exc: BaseException, retry_ambiguous: bool) -> bool:
     return False
 
 
-class stop_before_deadline(stop_base):
-    """Stop when the coming backoff (plus a moment for the attempt) would not fit the deadline."""
+class stop_unless_attempt_fits(stop_base):
+    """Stop when the coming backoff plus an attempt's expected duration would not fit."""
 
-    MIN_ATTEMPT_SECONDS = 0.05
-
-    def __init__(self, deadline: Deadline) -> None:
+    def __init__(self, deadline: Deadline, estimate: LatencyEstimate) -> None:
         self.deadline = deadline
+        self.estimate = estimate
 
     def __call__(self, retry_state: RetryCallState) -> bool:
-        needed = retry_state.upcoming_sleep + self.MIN_ATTEMPT_SECONDS
-        return needed >= self.deadline.remaining()
+        return retry_state.upcoming_sleep + self.estimate.need() > self.deadline.remaining()
+
+
+class stop_if_caller_left(stop_base):
+    """Once the caller is gone, the attempt that was in flight is the last one."""
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return execution.current().abandoned
 
 
 class wait_retry_after(wait_base):

@@ -15,11 +15,21 @@ from service import observability as obs
 from service.config import Settings
 from service.conversations import ConversationsClient
 from service.deadline import Deadline
-from service.errors import FacadeError, ReplayedError, TokenRejected, TokensNotConfigured, to_status
+from service.errors import (
+    FacadeError,
+    MaybeProcessed,
+    ReplayedError,
+    TokenRejected,
+    TokensNotConfigured,
+    to_status,
+)
+from service.execution import Executions
 from service.flex import FlexClient
 from service.idempotency import IdempotencyStore, Outcome, is_stored_failure
 from service.params import WebChatParams
+from service.ratelimit import CallerQuota
 from service.tokens import GuestToken, GuestTokens
+from service.upstream import is_ambiguous
 from service.validation import validate, validate_refresh
 
 log = logging.getLogger("flexwebchat.webchat")
@@ -48,6 +58,8 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
         self._idempotency = idempotency
         self._tokens = tokens
         self._settings = settings
+        self._quota = CallerQuota(settings.max_pending_per_caller)
+        self.executions = Executions()
 
     async def CreateWebChat(
         self, request: webchat_pb2.CreateWebChatRequest, context: CreateContext
@@ -56,11 +68,19 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
         if request.issue_token:
             self._require_tokens()  # before anything is created
         deadline = self._deadline(context)
-        if request.request_id:
-            obs.current_rpc().request_id = request.request_id
-            response = await self._create_once(request, params, deadline)
-        else:
-            response = await self._create(params, deadline, retry_ambiguous=False)
+        rpc = obs.current_rpc()
+        with self._quota.hold(rpc.caller):
+            if request.request_id:
+                rpc.request_id = request.request_id
+                response = await self.executions.run(
+                    lambda: self._create_once(request, params, deadline), deadline
+                )
+            else:
+                response = await self.executions.run(
+                    lambda: self._create_unkeyed(params, deadline),
+                    deadline,
+                    after_caller_left=_orphaned,
+                )
         if request.issue_token:
             # Never stored: a replay gets a fresh token for the stored identity.
             _set_token(response, self._mint(response.identity, via="create"))
@@ -105,6 +125,18 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
         response = webchat_pb2.CreateWebChatResponse.FromString(record.payload)
         obs.current_rpc().conversation_sid = response.conversation_sid
         return response
+
+    async def _create_unkeyed(
+        self, params: WebChatParams, deadline: Deadline
+    ) -> webchat_pb2.CreateWebChatResponse:
+        """Without a request_id nobody can tell a retry from a new chat: ambiguous failures are
+        not retried (unless FLEX_RETRY_AMBIGUOUS), and not reported as retryable."""
+        try:
+            return await self._create(params, deadline, retry_ambiguous=False)
+        except FacadeError as exc:
+            if is_ambiguous(exc):
+                raise MaybeProcessed(exc) from exc
+            raise
 
     async def _create(
         self, params: WebChatParams, deadline: Deadline, *, retry_ambiguous: bool
@@ -162,6 +194,15 @@ def fingerprint(request: webchat_pb2.CreateWebChatRequest) -> str:
     fields.request_id = ""
     fields.issue_token = False
     return hashlib.sha256(fields.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _orphaned(response: webchat_pb2.CreateWebChatResponse) -> None:
+    obs.ORPHANED_CONVERSATIONS.inc()
+    log.warning(
+        "Twilio created a conversation after its caller (without request_id) had left: nobody "
+        "will use it; send a request_id, or a longer deadline, to avoid this",
+        extra={"fields": {"conversation_sid": response.conversation_sid}},
+    )
 
 
 def _timestamp(unix_seconds: int) -> timestamp_pb2.Timestamp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -158,7 +159,7 @@ def test_a_refused_request_succeeds_on_retry(
 @pytest.mark.parametrize(
     "fault", [{"status": 500}, {"status": 502}, {"status": 504}, {"drop": True}]
 )
-def test_ambiguous_failures_are_not_retried_without_request_id(
+def test_ambiguous_failures_without_request_id_are_neither_retried_nor_invite_a_retry(
     facade: FacadeProcess, upstream: EmulatorProcess, fault: dict
 ) -> None:
     upstream.fault(fault)
@@ -166,8 +167,24 @@ def test_ambiguous_failures_are_not_retried_without_request_id(
         facade.create()
     details = rich_status(caught.value)
     assert details["code"] == grpc.StatusCode.UNAVAILABLE
-    assert "RetryInfo" in details
+    # Every gRPC guide reads RetryInfo as "retry me"; here a retry may create a second chat.
+    assert "RetryInfo" not in details
+    assert details["ErrorInfo"].metadata["maybe_processed"] == "true"
+    assert "may have been created" in details["message"]
     assert len(upstream.requests()) == 1
+
+
+@pytest.mark.parametrize("fault", [{"status": 503}, {"status": 429}])
+def test_failures_twilio_never_processed_still_carry_retry_info(
+    make_facade: Any, upstream: EmulatorProcess, fault: dict
+) -> None:
+    facade = make_facade(upstream.url, FLEX_MAX_ATTEMPTS="1")
+    upstream.fault(fault)
+    with pytest.raises(grpc.RpcError) as caught:
+        facade.create()
+    details = rich_status(caught.value)
+    assert "RetryInfo" in details
+    assert "maybe_processed" not in details["ErrorInfo"].metadata
 
 
 def test_ambiguous_failures_are_retried_with_a_request_id(

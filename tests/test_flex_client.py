@@ -18,6 +18,7 @@ from service.errors import (
     UpstreamError,
     UpstreamUnreachable,
 )
+from service.execution import Executions
 from service.flex import FlexClient
 from service.params import WebChatParams
 from service.ratelimit import Unlimited
@@ -33,6 +34,7 @@ def settings(**overrides: object) -> Settings:
         "password": Secret("s3cret-token"),
         "base_url": "https://flex-api.twilio.com",
         "max_attempts": 4,
+        "latency_estimate": 0.05,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -193,23 +195,63 @@ async def test_no_backoff_sleeps_past_the_deadline() -> None:
     assert len(upstream.requests) == 1
 
 
-async def test_deadline_cancels_the_attempt_in_flight() -> None:
-    cancelled = asyncio.Event()
+async def test_a_request_in_flight_outlives_its_callers_deadline() -> None:
+    """The caller gets DEADLINE_EXCEEDED at its deadline; the request already sent is not
+    cancelled (that could leave a conversation nobody hears of) and its result is kept."""
+    answered = asyncio.Event()
 
     async def slow(request: httpx.Request) -> httpx.Response:
-        try:
-            await asyncio.sleep(5)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
+        await asyncio.sleep(0.4)
+        answered.set()
         return httpx.Response(201, json=CREATED)
 
-    config = settings()
+    config = settings(latency_estimate=0.01)
     http = httpx.AsyncClient(transport=httpx.MockTransport(slow))
     client = FlexClient(TwilioHttp(http, config), config, Unlimited())
+    executions, kept = Executions(), []
+    deadline = Deadline.after(0.2)
+    with pytest.raises(DeadlineExceeded, match="will finish"):
+        await executions.run(
+            lambda: create_chat(client, deadline), deadline, after_caller_left=kept.append
+        )
+    assert executions.in_background == 1
+    await executions.drain(within=2)
+    assert answered.is_set() and kept and kept[0].conversation_sid == CREATED["conversation_sid"]
+
+
+async def test_work_that_sent_nothing_is_cancelled_when_the_caller_leaves() -> None:
+    sent = []
+
+    async def record(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(201, json=CREATED)
+
+    config = settings(latency_estimate=0.01)
+    http = httpx.AsyncClient(transport=httpx.MockTransport(record))
+    client = FlexClient(TwilioHttp(http, config), config, Unlimited())
+    executions = Executions()
+
+    async def queued_then_create() -> object:
+        await asyncio.sleep(1)  # as if waiting for a rate-limit slot
+        return await create_chat(client, Deadline.after(5))
+
     with pytest.raises(DeadlineExceeded):
-        await create(client, seconds=0.2)
-    assert cancelled.is_set()
+        await executions.run(queued_then_create, Deadline.after(0.1))
+    await asyncio.sleep(0.05)
+    assert executions.in_background == 0 and sent == []
+
+
+async def test_an_attempt_that_cannot_fit_the_deadline_is_not_sent() -> None:
+    upstream = Upstream()
+    client = upstream.client(latency_estimate=0.5)
+    with pytest.raises(DeadlineExceeded, match="round trip"):
+        await create(client, seconds=0.3)
+    assert upstream.requests == []
+
+
+def create_chat(client: FlexClient, deadline: Deadline):  # type: ignore[no-untyped-def]
+    params = WebChatParams(address_sid=ADDRESS)
+    return client.create_web_chat(params, deadline, retry_ambiguous=False)
 
 
 @pytest.mark.parametrize(

@@ -1,88 +1,156 @@
-"""The local GCRA limiter, on a fake clock: FIFO slots, fast refusal, shared slow-down on 429."""
+"""The account-wide limiter: the GCRA schedule on a fake clock, and the FIFO queue in front of it
+on real (short) time: order, fast refusal, and waiters that leave taking nothing with them."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
 from service.deadline import Deadline
-from service.errors import RateLimitExceeded
-from service.ratelimit import LocalRateLimiter
+from service.errors import CallerQuotaExceeded, DeadlineExceeded, Draining, RateLimitExceeded
+from service.ratelimit import CallerQuota, LocalSchedule, RateLimiter, Unlimited
 
 
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
-        self.sleeps: list[float] = []
 
     def __call__(self) -> float:
         return self.now
 
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
+
+async def takes(schedule: LocalSchedule, clock: FakeClock, count: int) -> list[float]:
+    """When each of ``count`` back-to-back requests gets its slot (seconds from now)."""
+    start, times = clock.now, []
+    for _ in range(count):
+        while (wait := await schedule.take()) > 0:
+            clock.now += wait
+        times.append(round(clock.now - start, 6))
+    return times
 
 
-def limiter(clock: FakeClock, rate: float = 5, burst: int = 1) -> LocalRateLimiter:
-    return LocalRateLimiter(rate, burst, clock=clock, sleep=clock.sleep)
-
-
-async def test_requests_are_spaced_in_arrival_order() -> None:
+async def test_slots_are_spaced_by_the_rate() -> None:
     clock = FakeClock()
-    lim = limiter(clock)
-    waits = [await lim.acquire(Deadline.after(60)) for _ in range(5)]
-    assert waits == pytest.approx([0, 0.2, 0.4, 0.6, 0.8])
+    assert await takes(LocalSchedule(5, 1, clock), clock, 5) == pytest.approx(
+        [0, 0.2, 0.4, 0.6, 0.8]
+    )
 
 
 async def test_burst_goes_at_once_then_the_rate_applies() -> None:
     clock = FakeClock()
-    lim = limiter(clock, rate=5, burst=3)
-    waits = [await lim.acquire(Deadline.after(60)) for _ in range(5)]
-    assert waits == pytest.approx([0, 0, 0, 0.2, 0.4])
+    schedule = LocalSchedule(5, 3, clock)
+    assert await takes(schedule, clock, 5) == pytest.approx([0, 0, 0, 0.2, 0.4])
 
 
-async def test_a_wait_beyond_the_deadline_is_refused_at_once_without_taking_a_slot() -> None:
+async def test_a_slot_not_yet_due_is_not_taken() -> None:
     clock = FakeClock()
-    lim = limiter(clock)
-    for _ in range(5):
-        await lim.acquire(Deadline.after(60))
-    with pytest.raises(RateLimitExceeded) as caught:
-        await lim.acquire(Deadline.after(0.5))
-    assert caught.value.retry_after == pytest.approx(1.0)
-    # The refused request did not consume the slot: the next one gets it.
-    assert await lim.acquire(Deadline.after(60)) == pytest.approx(1.0)
+    schedule = LocalSchedule(5, 1, clock)
+    assert await schedule.take() == 0
+    assert await schedule.take() == pytest.approx(0.2)
+    assert await schedule.take() == pytest.approx(0.2)  # asking again takes nothing
+    clock.now += 0.2
+    assert await schedule.take() == 0
 
 
 async def test_a_429_slows_everybody_down() -> None:
     clock = FakeClock()
-    lim = limiter(clock)
-    await lim.acquire(Deadline.after(60))
-    await lim.penalize(3.0)
-    assert await lim.acquire(Deadline.after(60)) == pytest.approx(3.0)
+    schedule = LocalSchedule(5, 1, clock)
+    await schedule.take()
+    await schedule.penalize(3.0)
+    assert await schedule.take() == pytest.approx(3.0)
 
 
 async def test_idle_time_does_not_bank_more_than_the_burst() -> None:
     clock = FakeClock()
-    lim = limiter(clock, rate=5, burst=2)
+    schedule = LocalSchedule(5, 2, clock)
     clock.now += 3600
-    waits = [await lim.acquire(Deadline.after(60)) for _ in range(3)]
-    assert waits == pytest.approx([0, 0, 0.2])
+    assert await takes(schedule, clock, 3) == pytest.approx([0, 0, 0.2])
 
 
-async def test_requests_already_waiting_queue_again_after_a_429() -> None:
-    clock = FakeClock()
-    lim = limiter(clock)
-    await lim.acquire(Deadline.after(60))  # slot at 0: sent, and answered 429
-    real_sleep = clock.sleep
+def limiter(rate: float = 20) -> RateLimiter:
+    schedule = LocalSchedule(rate, 1)
+    return RateLimiter(schedule, schedule.gcra.interval)
 
-    async def sleep_through_a_429(seconds: float) -> None:
-        await real_sleep(seconds)
-        clock.now += seconds
-        if len(clock.sleeps) == 1:
-            await lim.penalize(2.0)  # arrives while the second request waits for its slot
 
-    lim._sleep = sleep_through_a_429
-    waited = await lim.acquire(Deadline.after(60))
-    assert clock.sleeps == pytest.approx([0.2, 2.0])  # its old slot, then a new one after the pause
-    assert waited == pytest.approx(2.2)
+async def test_waiters_are_served_in_arrival_order() -> None:
+    lim, order = limiter(), []
+
+    async def call(n: int) -> None:
+        await lim.acquire(Deadline.after(10))
+        order.append(n)
+
+    await asyncio.gather(*(call(n) for n in range(8)))
+    assert order == list(range(8))
+
+
+async def test_a_turn_beyond_the_deadline_is_refused_at_once_without_queueing() -> None:
+    lim = limiter(rate=5)
+    queued = [asyncio.create_task(lim.acquire(Deadline.after(10))) for _ in range(5)]
+    await asyncio.sleep(0)
+    with pytest.raises(RateLimitExceeded) as refused:
+        await lim.acquire(Deadline.after(0.5))
+    assert 0.5 < refused.value.retry_after <= 1.0
+    assert lim.queued == 4  # the refused call never joined the queue
+    await asyncio.gather(*queued)
+
+
+async def test_a_deadline_too_short_for_a_round_trip_is_deadline_exceeded() -> None:
+    with pytest.raises(DeadlineExceeded, match="round trip"):
+        await limiter().acquire(Deadline.after(0.2), need=0.3)
+    with pytest.raises(DeadlineExceeded):
+        await Unlimited().acquire(Deadline.after(0.2), need=0.3)
+
+
+async def test_cancelled_waiters_give_their_turns_back() -> None:
+    """150 callers queue and leave: a later caller is served as if they had never come."""
+    lim = limiter(rate=10)
+    await lim.acquire(Deadline.after(10))  # the slot now is used: everyone else must wait
+    leavers = [asyncio.create_task(lim.acquire(Deadline.after(60))) for _ in range(150)]
+    await asyncio.sleep(0.01)
+    assert lim.queued == 150
+    for task in leavers:
+        task.cancel()
+    await asyncio.gather(*leavers, return_exceptions=True)
+    assert lim.queued == 0
+    # One interval (0.1 s) away, not 15 s: admitted with a 1 s deadline.
+    waited = await lim.acquire(Deadline.after(1.0))
+    assert waited < 1.0
+
+
+async def test_a_turn_leaving_too_little_time_for_the_round_trip_is_refused() -> None:
+    lim = limiter(rate=2)
+    await lim.acquire(Deadline.after(10))
+    first = asyncio.create_task(lim.acquire(Deadline.after(10)))
+    await asyncio.sleep(0)
+    # Predicted to fit (0.5 s away) but with need=0.45 its turn comes too late: refused then.
+    with pytest.raises(RateLimitExceeded):
+        await lim.acquire(Deadline.after(1.3), need=0.45)
+    assert await first < 1.0
+    assert lim.queued == 0
+
+
+async def test_drain_refuses_queued_waiters_at_once() -> None:
+    lim = limiter(rate=1)
+    await lim.acquire(Deadline.after(10))
+    queued = [asyncio.create_task(lim.acquire(Deadline.after(30))) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    lim.close()
+    results = await asyncio.wait_for(asyncio.gather(*queued, return_exceptions=True), 1)
+    assert all(isinstance(r, Draining) for r in results)
+    with pytest.raises(Draining):
+        await lim.acquire(Deadline.after(30))
+
+
+def test_caller_quota_caps_one_caller_and_not_the_others() -> None:
+    quota = CallerQuota(2)
+    with quota.hold("a"), quota.hold("a"):
+        with pytest.raises(CallerQuotaExceeded), quota.hold("a"):
+            pass
+        with quota.hold("b"):
+            pass
+    with quota.hold("a"):  # released when the calls end
+        pass
 
 
 def test_a_call_without_deadline_gets_the_default_and_none_exceeds_the_maximum() -> None:
