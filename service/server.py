@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,7 @@ class Facade:
     health_server: grpc.aio.Server | None = None
     metrics: Any = None
     flush_traces: Callable[[], None] | None = None
+    readiness: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Facade:
@@ -56,7 +57,7 @@ class Facade:
         credentials = server_credentials(settings)
         tokens = CallerTokens(settings.auth_tokens_file) if settings.auth_tokens_file else None
         http = new_http_client(settings)
-        limiter, records = await _state(settings)
+        limiter, records, first_answer = await _state(settings)
         idempotency = IdempotencyStore(
             records, ttl_seconds=settings.idempotency_ttl, lock_seconds=settings.idempotency_lock
         )
@@ -91,13 +92,19 @@ class Facade:
         if settings.health_port:
             # The kubelet's gRPC probe speaks plaintext only: with TLS on, health is served
             # (and nothing else) on this port too.
-            health_server = grpc.aio.server()
+            health_server = grpc.aio.server(options=[_NO_PORT_SHARING])
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
             _listen(health_server, "HEALTH_PORT", settings.grpc_host, settings.health_port, None)
             await health_server.start()
         await server.start()
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, SERVING)
+        # "" is liveness (the process is up); the service's own name is readiness, which waits
+        # for shared state to have answered once (see RedisRecords.first_answer).
+        await health_servicer.set("", SERVING)
+        readiness = None
+        if first_answer is None:
+            await health_servicer.set(SERVICE_NAME, SERVING)
+        else:
+            readiness = asyncio.create_task(_ready_after(first_answer, health_servicer))
 
         log.info(
             "serving",
@@ -127,11 +134,14 @@ class Facade:
             health_server,
             metrics,
             flush_traces,
+            readiness,
         )
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING at once, keep serving while endpoints update, let in-flight RPCs
         finish within the grace period, then close the HTTP client and shared state."""
+        if self.readiness is not None:
+            self.readiness.cancel()
         await self.health.enter_graceful_shutdown()
         log.info("draining", extra={"fields": {"delay_s": self.settings.shutdown_delay}})
         await asyncio.sleep(self.settings.shutdown_delay)
@@ -159,18 +169,27 @@ async def serve(settings: Settings) -> None:
     await facade.stop()
 
 
-async def _state(settings: Settings) -> tuple[RateLimiter, RecordBackend]:
-    """Rate limit and idempotency records: in Redis when REDIS_URL is set, else in-process."""
+async def _state(
+    settings: Settings,
+) -> tuple[RateLimiter, RecordBackend, Callable[[], Awaitable[None]] | None]:
+    """Rate limit and idempotency records: in Redis when REDIS_URL is set, else in-process; and
+    what readiness must wait for (Redis's first answer), if anything."""
     if settings.redis_url is not None:
         from service.shared import connect_shared_state
 
-        return await connect_shared_state(settings)
-    limiter: RateLimiter = (
+        limiter, records = await connect_shared_state(settings)
+        return limiter, records, records.first_answer
+    limiter = (
         LocalRateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
         if settings.rate_limit_rps > 0
         else Unlimited()
     )
-    return limiter, LocalRecords(max_records=settings.idempotency_max_local_records)
+    return limiter, LocalRecords(max_records=settings.idempotency_max_local_records), None
+
+
+async def _ready_after(first_answer: Callable[[], Awaitable[None]], health: Any) -> None:
+    await first_answer()
+    await health.set(SERVICE_NAME, SERVING)
 
 
 def _guest_tokens(settings: Settings) -> GuestTokens | None:
@@ -202,8 +221,14 @@ def _listen(
         raise ConfigError(f"{variable}: cannot listen on {address} (in use?)") from None
 
 
+# gRPC turns SO_REUSEPORT on by default: a second facade on a busy port would start and share it,
+# each process with its own in-process records and rate budget. A busy port must be a refusal.
+_NO_PORT_SHARING = ("grpc.so_reuseport", 0)
+
+
 def _channel_options(settings: Settings) -> list[tuple[str, int]]:
     options = [
+        _NO_PORT_SHARING,
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.keepalive_permit_without_calls", 1),
