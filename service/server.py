@@ -34,6 +34,7 @@ log = logging.getLogger("flexwebchat")
 
 SERVICE_NAME = webchat_pb2.DESCRIPTOR.services_by_name["WebChatService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass
@@ -104,6 +105,7 @@ class Facade:
         if first_answer is None:
             await health_servicer.set(SERVICE_NAME, SERVING)
         else:
+            await health_servicer.set(SERVICE_NAME, NOT_SERVING)
             readiness = asyncio.create_task(_ready_after(first_answer, health_servicer))
 
         log.info(
