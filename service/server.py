@@ -240,5 +240,9 @@ def _channel_options(settings: Settings) -> list[tuple[str, int]]:
         # Long-lived HTTP/2 connections pin a client to one pod; ageing them out lets
         # clients re-resolve and spread across replicas.
         options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)))
-        options.append(("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace * 1000)))
+        # The grace must outlast any call: a call cut here would be an ambiguous failure made by
+        # the facade itself, mid-attempt. No call outlives its deadline (at most
+        # FLEX_MAX_DEADLINE_SECONDS) by more than the attempt being cancelled.
+        longest_call = settings.max_deadline + settings.attempt_timeout
+        options.append(("grpc.max_connection_age_grace_ms", int(longest_call * 1000)))
     return options
