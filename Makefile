@@ -14,11 +14,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-# Debian packages the tests use (real Redis). Installs only what is missing.
+# Debian packages the tests use: real Redis; podman, runc and debootstrap to build and run the
+# image (tests/test_image.py); promtool (package prometheus) to check the alert rules. Installs
+# only what is missing.
+DEBIAN_DEPS := redis-server:redis-server podman:podman runc:runc debootstrap:debootstrap \
+               promtool:prometheus
 system-deps:
-	@command -v redis-server >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; \
-	  else echo "redis-server is missing: run 'sudo apt-get install redis-server'" >&2; exit 1; fi; }
+	@missing=""; for dep in $(DEBIAN_DEPS); do \
+	  command -v $${dep%%:*} >/dev/null || PATH="$$PATH:/usr/sbin:/sbin" command -v $${dep%%:*} >/dev/null \
+	    || missing="$$missing $${dep#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing Debian packages: run 'sudo apt-get install$$missing'" >&2; exit 1; fi; fi
 
 # Regenerates the committed Python code from the proto: messages, gRPC stubs, and typed .pyi
 # for both (the gRPC one by mypy-protobuf). tests/test_generated_code.py runs this target.

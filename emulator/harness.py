@@ -26,6 +26,7 @@ from emulator.app import ACCOUNT_SID, API_KEY, API_SECRET, AUTH_TOKEN, SERVICE_S
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout
 ADDRESS_SID = "IG" + "0123456789abcdef" * 2
+SERVICE = "flexwebchat.v1.WebChatService"
 
 
 def free_port() -> int:
@@ -193,7 +194,8 @@ def wait_until_serving(health: Any, proc: subprocess.Popen[bytes], timeout: floa
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5)
+            # The service's own name: ready, not just alive (with Redis: Redis has answered).
+            reply = health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=0.5)
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
                 return True
         except grpc.RpcError:

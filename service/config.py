@@ -141,6 +141,13 @@ class Settings:
             tls_client_ca_file=reader.text("TLS_CLIENT_CA_FILE"),
             auth_tokens_file=reader.text("AUTH_TOKENS_FILE"),
         )
+        if settings.redis_url is not None and not settings.account_sid:
+            # The shared rate budget is keyed by account (Twilio's limit is per account); an API
+            # key alone does not say which account it belongs to.
+            raise ConfigError(
+                "TWILIO_ACCOUNT_SID is required with TWILIO_API_KEY when REDIS_URL is set: "
+                "the shared rate budget is the account's, whichever credential a replica uses"
+            )
         missing = settings.missing_for_tokens()
         if settings.conversations_service_sid and missing:
             raise ConfigError(

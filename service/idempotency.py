@@ -4,13 +4,16 @@ The first call with an id claims it (a *pending* record owned by this call, whos
 keeps alive) and runs; its outcome is stored for the TTL and returned to every later call with the
 same id. Calls arriving while it runs wait for it rather than calling Twilio again. What is stored:
 
-* success, and failures determined by the request itself (Twilio 400/404/422): returned again
-  as they were, for the whole TTL;
+* success, failures determined by the request itself (Twilio 400/404/422), and a 2xx whose body
+  was unusable (the conversation may well exist: re-posting could create a second): returned
+  again as they were, for the whole TTL;
 * everything else (unreachable, 5xx, 429, deadline, the account's 401/403, cancellation): the claim
   is released, so a retry with the same id runs again. A retry is exactly what those errors ask for.
 
 When the owner dies (a replica killed mid-request), its heartbeat stops and the lock expires after
-IDEMPOTENCY_LOCK_SECONDS; the next call with the id then runs it.
+IDEMPOTENCY_LOCK_SECONDS; the next call with the id then runs it. An outcome that cannot be stored
+at once (Redis stalled) keeps its lock alive and is stored in the background until it is, so the
+lock never lapses while a success is unstored.
 
 The same id with different request fields is INVALID_ARGUMENT (a BadRequest violation on
 request_id): the caller sent a malformed retry, which is a property of the request, like any other
@@ -33,7 +36,13 @@ from typing import Protocol
 
 from service import observability as obs
 from service.deadline import Deadline
-from service.errors import DeadlineExceeded, FacadeError, InvalidRequest, UpstreamError
+from service.errors import (
+    DeadlineExceeded,
+    FacadeError,
+    InvalidRequest,
+    UpstreamBadResponse,
+    UpstreamError,
+)
 
 log = logging.getLogger("flexwebchat.idempotency")
 
@@ -87,6 +96,7 @@ class IdempotencyStore:
         self.ttl = ttl_seconds
         self.lock = lock_seconds
         self._sleep = sleep
+        self._storing: set[asyncio.Task[None]] = set()
 
     async def run(
         self,
@@ -137,18 +147,38 @@ class IdempotencyStore:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.backend.release(key, mine.owner))
             raise
-        finally:
-            heartbeat.cancel()
         try:
             await self.backend.complete(key, final, self.ttl)
         except FacadeError as exc:
-            # The chat exists: the caller gets it. Only a later retry with this id, after the
-            # lock expires, could run again; say so rather than hide the conversation.
+            # The caller gets its answer now; the record follows as soon as it can be stored,
+            # and until then the heartbeat keeps other calls with this id waiting for it.
             log.error(
-                "could not store the outcome of a request_id; a retry may run it again",
-                extra={"fields": {"request_id": key, "error": str(exc)}},
+                "could not store the outcome of a request_id yet; retrying in the background",
+                extra={"fields": {"error": str(exc)}},
             )
+            task = asyncio.create_task(self._store_until_stored(key, final, heartbeat))
+            self._storing.add(task)
+            task.add_done_callback(self._storing.discard)
+        else:
+            heartbeat.cancel()
         return final
+
+    async def _store_until_stored(
+        self, key: str, final: Record, heartbeat: asyncio.Task[None]
+    ) -> None:
+        delay = 0.2
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                try:
+                    await self.backend.complete(key, final, self.ttl)
+                except FacadeError:
+                    delay = min(delay * 2, 5.0)
+                    continue
+                log.info("stored the outcome of a request_id after a delay")
+                return
+        finally:
+            heartbeat.cancel()
 
     async def _heartbeat(self, key: str, owner: str) -> None:
         while True:
@@ -158,7 +188,10 @@ class IdempotencyStore:
 
 
 def is_stored_failure(exc: FacadeError) -> bool:
-    """Failures the request itself caused: the same request would fail the same way again."""
+    """Failures that must stick: the request itself was rejected (the same request would fail
+    the same way again), or Twilio answered 2xx unusably (the conversation may exist)."""
+    if isinstance(exc, UpstreamBadResponse):
+        return True
     return isinstance(exc, UpstreamError) and exc.http_status in STORED_HTTP_FAILURES
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ log = logging.getLogger("flexwebchat")
 
 SERVICE_NAME = webchat_pb2.DESCRIPTOR.services_by_name["WebChatService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Facade:
     health_server: grpc.aio.Server | None = None
     metrics: Any = None
     flush_traces: Callable[[], None] | None = None
+    readiness: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Facade:
@@ -57,7 +59,7 @@ class Facade:
         credentials = server_credentials(settings)
         tokens = CallerTokens(settings.auth_tokens_file) if settings.auth_tokens_file else None
         http = new_http_client(settings)
-        limiter, records = await _state(settings)
+        limiter, records, first_answer = await _state(settings)
         idempotency = IdempotencyStore(
             records, ttl_seconds=settings.idempotency_ttl, lock_seconds=settings.idempotency_lock
         )
@@ -92,13 +94,20 @@ class Facade:
         if settings.health_port:
             # The kubelet's gRPC probe speaks plaintext only: with TLS on, health is served
             # (and nothing else) on this port too.
-            health_server = grpc.aio.server()
+            health_server = grpc.aio.server(options=[_NO_PORT_SHARING])
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
             _listen(health_server, "HEALTH_PORT", settings.grpc_host, settings.health_port, None)
             await health_server.start()
         await server.start()
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, SERVING)
+        # "" is liveness (the process is up); the service's own name is readiness, which waits
+        # for shared state to have answered once (see RedisRecords.first_answer).
+        await health_servicer.set("", SERVING)
+        readiness = None
+        if first_answer is None:
+            await health_servicer.set(SERVICE_NAME, SERVING)
+        else:
+            await health_servicer.set(SERVICE_NAME, NOT_SERVING)
+            readiness = asyncio.create_task(_ready_after(first_answer, health_servicer))
 
         log.info(
             "serving",
@@ -129,11 +138,14 @@ class Facade:
             health_server,
             metrics,
             flush_traces,
+            readiness,
         )
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING at once, keep serving while endpoints update, let in-flight RPCs
         finish within the grace period, then close the HTTP client and shared state."""
+        if self.readiness is not None:
+            self.readiness.cancel()
         await self.health.enter_graceful_shutdown()
         log.info("draining", extra={"fields": {"delay_s": self.settings.shutdown_delay}})
         await asyncio.sleep(self.settings.shutdown_delay)
@@ -163,17 +175,26 @@ async def serve(settings: Settings) -> None:
     await facade.stop()
 
 
-async def _state(settings: Settings) -> tuple[Limiter, RecordBackend]:
-    """Rate limit and idempotency records: in Redis when REDIS_URL is set, else in-process."""
+async def _state(
+    settings: Settings,
+) -> tuple[Limiter, RecordBackend, Callable[[], Awaitable[None]] | None]:
+    """Rate limit and idempotency records: in Redis when REDIS_URL is set, else in-process; and
+    what readiness must wait for (Redis's first answer), if anything."""
     if settings.redis_url is not None:
         from service.shared import connect_shared_state
 
-        return await connect_shared_state(settings)
+        shared_limiter, records = await connect_shared_state(settings)
+        return shared_limiter, records, records.first_answer
     limiter: Limiter = Unlimited()
     if settings.rate_limit_rps > 0:
         schedule = LocalSchedule(settings.rate_limit_rps, settings.rate_limit_burst)
         limiter = RateLimiter(schedule, schedule.gcra.interval)
-    return limiter, LocalRecords(max_records=settings.idempotency_max_local_records)
+    return limiter, LocalRecords(max_records=settings.idempotency_max_local_records), None
+
+
+async def _ready_after(first_answer: Callable[[], Awaitable[None]], health: Any) -> None:
+    await first_answer()
+    await health.set(SERVICE_NAME, SERVING)
 
 
 def _guest_tokens(settings: Settings) -> GuestTokens | None:
@@ -205,8 +226,14 @@ def _listen(
         raise ConfigError(f"{variable}: cannot listen on {address} (in use?)") from None
 
 
+# gRPC turns SO_REUSEPORT on by default: a second facade on a busy port would start and share it,
+# each process with its own in-process records and rate budget. A busy port must be a refusal.
+_NO_PORT_SHARING = ("grpc.so_reuseport", 0)
+
+
 def _channel_options(settings: Settings) -> list[tuple[str, int]]:
     options = [
+        _NO_PORT_SHARING,
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -216,5 +243,9 @@ def _channel_options(settings: Settings) -> list[tuple[str, int]]:
         # Long-lived HTTP/2 connections pin a client to one pod; ageing them out lets
         # clients re-resolve and spread across replicas.
         options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)))
-        options.append(("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace * 1000)))
+        # The grace must outlast any call: a call cut here would be an ambiguous failure made by
+        # the facade itself, mid-attempt. No call outlives its deadline (at most
+        # FLEX_MAX_DEADLINE_SECONDS) by more than the attempt being cancelled.
+        longest_call = settings.max_deadline + settings.attempt_timeout
+        options.append(("grpc.max_connection_age_grace_ms", int(longest_call * 1000)))
     return options

@@ -10,6 +10,7 @@ guarantee, which is what callers rely on.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -88,17 +89,12 @@ async def connect_shared_state(
         socket_connect_timeout=SOCKET_TIMEOUT,
         retry_on_timeout=False,
     )
-    try:
-        await client.ping()
-    except RedisError as exc:
-        obs.SHARED_STATE_ERRORS.inc()
-        log.error(
-            "Redis is unreachable at startup; calls fail with UNAVAILABLE until it is back",
-            extra={"fields": {"error": type(exc).__name__}},
-        )
     limiter: RateLimiter | Unlimited = Unlimited()
     if settings.rate_limit_rps > 0:
-        key = f"{PREFIX}:{{{settings.username}}}:ratelimit"
+        # Twilio's limit is per account, so is the budget: keyed by the account SID, never the
+        # credential, or an auth token and an API key (or two keys mid-rotation) get one each.
+        # The braces are a hash tag (Redis Cluster).
+        key = f"{PREFIX}:{{{settings.account_sid.lower()}}}:ratelimit"
         schedule = RedisSchedule(client, key, settings.rate_limit_rps, settings.rate_limit_burst)
         limiter = RateLimiter(schedule, schedule.gcra.interval)
     return limiter, RedisRecords(client)
@@ -167,6 +163,28 @@ class RedisRecords:
 
     async def release(self, key: str, owner: str) -> None:
         await self._run(self._release, key, owner)
+
+    async def first_answer(self, interval: float = 1.0) -> None:
+        """Returns once Redis has answered a PING. Until then the facade reports NOT_SERVING, so a
+        Redis that was never reachable (a typo, a NetworkPolicy) stops a rollout instead of
+        taking every replica's calls down; later outages fail calls closed, one by one."""
+        failures = 0
+        while True:
+            try:
+                await self._client.ping()
+            except RedisError as exc:
+                obs.SHARED_STATE_ERRORS.inc()
+                if failures == 0:  # once, not every second
+                    log.error(
+                        "Redis is unreachable at startup; NOT_SERVING until it answers",
+                        extra={"fields": {"error": type(exc).__name__}},
+                    )
+                failures += 1
+            else:
+                if failures:
+                    log.info("Redis answered; serving", extra={"fields": {"failures": failures}})
+                return
+            await asyncio.sleep(interval)
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -43,6 +43,8 @@ RefreshContext: TypeAlias = (
     "webchat_pb2.RefreshGuestTokenResponse]"
 )
 
+ANONYMOUS = "anonymous"  # the caller's name when callers are not authenticated (RpcRecord)
+
 
 class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
     def __init__(
@@ -118,7 +120,10 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
             return response.SerializeToString()
 
         record = await self._idempotency.run(
-            request.request_id.lower(), fingerprint(request), work, deadline
+            record_key(request.request_id, obs.current_rpc().caller),
+            fingerprint(request),
+            work,
+            deadline,
         )
         if not record.ok:
             raise ReplayedError(status_pb2.Status.FromString(record.payload))
@@ -184,6 +189,14 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
             default=self._settings.default_deadline,
             maximum=self._settings.max_deadline,
         )
+
+
+def record_key(request_id: str, caller: str) -> str:
+    """Where a request_id's record lives. With callers authenticated, each caller has its own
+    space: another caller sending the same id and fields must not receive this one's conversation
+    and identity. The id is a UUID (no "/"), so the key names caller and id unambiguously."""
+    request_id = request_id.lower()
+    return request_id if caller == ANONYMOUS else f"{caller}/{request_id}"
 
 
 def fingerprint(request: webchat_pb2.CreateWebChatRequest) -> str:

@@ -227,3 +227,23 @@ def test_token_file_changes_apply_without_restart(token_facade) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         facade.stub.CreateWebChat(REQUEST, metadata=old, timeout=5)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_idempotency_records_are_kept_apart_per_caller(token_facade, upstream) -> None:
+    # Another caller who learns (or guesses, or logs) a request_id must not receive the first
+    # caller's conversation and guest identity by replaying it.
+    facade, _ = token_facade
+    request = webchat_pb2.CreateWebChatRequest(
+        address_sid=ADDRESS_SID, request_id="5b0c1d7e-2f3a-4b5c-8d9e-0f1a2b3c4d5e"
+    )
+
+    def as_caller(token: str) -> webchat_pb2.CreateWebChatResponse:
+        metadata = [("authorization", f"Bearer {token}")]
+        return facade.stub.CreateWebChat(request, metadata=metadata, timeout=5)  # type: ignore[no-any-return]
+
+    billing = as_caller("tok-billing-0123456789abcdef")
+    support = as_caller("tok-support-0123456789abcdef")
+    assert support.conversation_sid != billing.conversation_sid
+    assert support.identity != billing.identity
+    assert as_caller("tok-billing-0123456789abcdef") == billing  # still idempotent per caller
+    assert len(upstream.requests()) == 2

@@ -115,6 +115,17 @@ def test_loopback_http_is_allowed_for_the_emulator() -> None:
     [
         ({"TWILIO_ACCOUNT_SID": "", "TWILIO_AUTH_TOKEN": ""}, "no Twilio credentials"),
         ({"FLEX_API_BASE_URL": "http://10.1.2.3"}, "http:// only to a loopback host"),
+        (
+            # The shared budget is the account's; an API key alone does not say which account.
+            {
+                "TWILIO_ACCOUNT_SID": "",
+                "TWILIO_AUTH_TOKEN": "",
+                "TWILIO_API_KEY": KEY,
+                "TWILIO_API_SECRET": "s",
+                "REDIS_URL": "redis://127.0.0.1:1/0",
+            },
+            "TWILIO_ACCOUNT_SID is required with TWILIO_API_KEY when REDIS_URL is set",
+        ),
     ],
 )
 def test_startup_refuses_with_one_line_and_nonzero_exit(env: dict[str, str], reason: str) -> None:
@@ -141,6 +152,7 @@ def refusal(env: dict[str, str]) -> str:
 
 def test_settings_repr_hides_secrets() -> None:
     env = {
+        "TWILIO_ACCOUNT_SID": ACCOUNT,
         "TWILIO_API_KEY": KEY,
         "TWILIO_API_SECRET": "api-secret-value",
         "REDIS_URL": "redis://:redis-pass@h:6379",
@@ -188,3 +200,14 @@ def test_a_port_in_use_is_a_one_line_refusal() -> None:
         for variable in ("GRPC_PORT", "METRICS_PORT"):
             env = facade_env("http://127.0.0.1:1", **{variable: str(port)})
             assert variable in refusal(env)
+
+
+def test_a_grpc_port_held_by_another_facade_is_refused(
+    make_facade, unlimited_upstream: EmulatorProcess
+) -> None:
+    # gRPC's default SO_REUSEPORT would let a second facade share the port, each with its own
+    # records and rate budget: two conversations for one request_id.
+    first = make_facade(unlimited_upstream.url, FLEX_RATE_LIMIT_RPS="0")
+    env = facade_env(unlimited_upstream.url, GRPC_PORT=str(first.port))
+    assert "GRPC_PORT" in refusal(env)
+    assert first.create().conversation_sid.startswith("CH")  # the first one is untouched

@@ -163,3 +163,22 @@ def test_oversized_messages_are_resource_exhausted(make_facade, upstream: Emulat
         facade.create(pre_engagement_data='{"x": "' + "a" * 5000 + '"}')
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert upstream.requests() == []
+
+
+def test_connection_ageing_never_cuts_a_call_short(
+    make_facade, unlimited_upstream: EmulatorProcess
+) -> None:
+    # The connection is aged out mid-call, with a drain grace shorter than the call: the call
+    # must still finish (the age grace covers the longest allowed call), not fail UNAVAILABLE
+    # mid-attempt, which the caller could not tell from a lost conversation.
+    unlimited_upstream.fault(latency=3.0)
+    facade = make_facade(
+        unlimited_upstream.url,
+        FLEX_RATE_LIMIT_RPS="0",
+        GRPC_MAX_CONNECTION_AGE_SECONDS="1",
+        SHUTDOWN_GRACE_SECONDS="0.5",
+        FLEX_MAX_DEADLINE_SECONDS="8",
+    )
+    reply = facade.create(timeout=8)
+    assert reply.conversation_sid.startswith("CH")
+    assert [r["status"] for r in unlimited_upstream.requests()] == [201]

@@ -6,6 +6,8 @@ Also one replica without Redis, whose in-process limiter gives the same guarante
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -14,13 +16,21 @@ import grpc
 import httpx
 import pytest
 from conftest import (
+    ROOT,
     EmulatorProcess,
     FacadeProcess,
     RedisProcess,
+    facade_env,
+    free_port,
     rich_status,
     start_redis,
     stop_process,
 )
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from emulator.app import ACCOUNT_SID, API_KEY, API_SECRET
+
+SERVICE = "flexwebchat.v1.WebChatService"
 
 RATE, BURST = 5, 1
 
@@ -57,6 +67,29 @@ def test_replicas_share_one_rate_budget(
     assert failures == []
     seen = upstream.requests()
     assert len(seen) == 30
+    assert all(r["status"] == 201 for r in seen), "no 429 reached the emulator"
+    assert upstream.busiest_second() <= RATE + BURST
+
+
+def test_an_auth_token_replica_and_an_api_key_replica_share_the_account_budget(
+    make_facade, upstream: EmulatorProcess, redis_server: RedisProcess
+) -> None:
+    # Twilio's limit is the account's: a replica on the auth token and one on an API key of the
+    # same account (as during a key rotation) must draw from one budget, not one each.
+    shared = {"REDIS_URL": redis_server.url, "FLEX_RATE_LIMIT_RPS": str(RATE)}
+    on_token = make_facade(upstream.url, **shared)
+    on_key = make_facade(
+        upstream.url,
+        TWILIO_AUTH_TOKEN="",
+        TWILIO_ACCOUNT_SID=ACCOUNT_SID,
+        TWILIO_API_KEY=API_KEY,
+        TWILIO_API_SECRET=API_SECRET,
+        **shared,
+    )
+    results = burst([on_token, on_key], 12)
+    assert [r for r in results if isinstance(r, grpc.RpcError)] == []
+    seen = upstream.requests()
+    assert len({r["headers"]["Authorization"] for r in seen}) == 2, "both credentials used"
     assert all(r["status"] == 201 for r in seen), "no 429 reached the emulator"
     assert upstream.busiest_second() <= RATE + BURST
 
@@ -172,6 +205,8 @@ def test_redis_down_fails_closed_fast_and_recovers(make_facade, upstream: Emulat
             assert details["code"] == grpc.StatusCode.UNAVAILABLE
             assert "Redis" in details["message"] and "RetryInfo" in details
         assert facade.proc.poll() is None, "no crash"
+        # A blip after Redis has answered once must not empty the Service of endpoints.
+        assert readiness(facade.port) == health_pb2.HealthCheckResponse.SERVING
         assert len(upstream.requests()) == 1, "nothing reached Twilio without the shared limit"
         metrics = httpx.get(f"http://127.0.0.1:{facade.metrics_port}/metrics").text
         assert "flexwebchat_shared_state_errors_total" in metrics
@@ -194,3 +229,43 @@ def test_a_429_slows_every_replica_down(
     assert len(refused) == 1 and len(later) == 4
     # After Twilio's 429 nobody, on either replica, sent anything for Retry-After seconds.
     assert min(later) - refused[0] >= 1.4
+
+
+def readiness(port: int) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=SERVICE), timeout=2, wait_for_ready=True
+        )
+    return int(reply.status)
+
+
+def test_not_ready_until_redis_has_answered_once(upstream: EmulatorProcess, tmp_path) -> None:
+    # A REDIS_URL nobody answers at (a typo, a NetworkPolicy): readiness must hold the rollout
+    # instead of reporting SERVING and failing every call.
+    redis_port = free_port()
+    env = facade_env(upstream.url, REDIS_URL=f"redis://127.0.0.1:{redis_port}/0")
+    log_path = tmp_path / "facade.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service"], env=env, stdout=log_file, stderr=log_file, cwd=ROOT
+        )
+    facade = FacadeProcess(proc, int(env["GRPC_PORT"]), int(env["METRICS_PORT"]), log_path)
+    redis = None
+    try:
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        assert readiness(facade.port) == not_serving
+        time.sleep(1.5)  # a few of its retries later, still not ready
+        assert readiness(facade.port) == not_serving
+        metrics = httpx.get(f"http://127.0.0.1:{facade.metrics_port}/metrics").text
+        assert "flexwebchat_shared_state_errors_total 0.0" not in metrics
+
+        redis = start_redis(port=redis_port)
+        deadline = time.monotonic() + 10
+        while readiness(facade.port) != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, facade.logs()
+            time.sleep(0.1)
+        assert facade.create().conversation_sid.startswith("CH")
+    finally:
+        assert facade.stop() == 0
+        if redis is not None:
+            stop_process(redis.proc)
