@@ -7,9 +7,12 @@ identity, remembers the conversations it created (a message to any other is 404)
 errors in Twilio's shape. Faults and latency apply to every endpoint. Tests steer it over HTTP:
 
 * ``GET  /__emulator/requests``  every request received: time, headers, form, answered status
+* ``GET  /__emulator/conversations``  every conversation created: SID -> guest identity
 * ``POST /__emulator/faults``    ``{"faults": [...], "latency": s}``: each fault answers one coming
   request, in order: ``{"status": 503, "code": 20503, "message": "...", "retry_after": "1",
-  "latency": 0.5, "body": "raw text", "drop": true}`` (drop closes the connection unanswered)
+  "latency": 0.5, "body": "raw text", "drop": true, "after": true}`` (drop closes the connection
+  unanswered; after: the request is processed first, e.g. the conversation is created, and then
+  answered with the fault: Twilio's "ambiguous" failures)
 * ``POST /__emulator/reset``     forget requests and faults, refill the rate limit
 """
 
@@ -83,7 +86,11 @@ class Emulator:
         app = web.Application(client_max_size=1024 * 1024)
         app.router.add_post("/v2/WebChats", self.create_web_chat)
         app.router.add_post("/v1/Conversations/{sid}/Messages", self.create_message)
+        app.router.add_get(
+            "/v1/Services/{service}/Users/{identity}/Conversations", self.user_conversations
+        )
         app.router.add_get("/__emulator/requests", self.list_requests)
+        app.router.add_get("/__emulator/conversations", self.list_conversations)
         app.router.add_post("/__emulator/faults", self.add_faults)
         app.router.add_post("/__emulator/reset", self.reset_state)
         return app
@@ -93,6 +100,9 @@ class Emulator:
 
     async def create_message(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, self._message, rate_limited=False)
+
+    async def user_conversations(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, self._user_conversations, rate_limited=False)
 
     async def _handle(
         self, request: web.Request, answer: Any, *, rate_limited: bool
@@ -120,18 +130,28 @@ class Emulator:
     ) -> web.Response | None:
         if self.latency:
             await asyncio.sleep(self.latency)
-        if self.faults:
-            fault = self.faults.pop(0)
-            await asyncio.sleep(float(fault.get("latency", 0)))
+        fault = self.faults.pop(0) if self.faults else {}
+        await asyncio.sleep(float(fault.get("latency", 0)))
+        if not fault.get("after"):
             if fault.get("drop"):
                 return None
             if fault.get("status"):
                 return _fault_response(fault)
+        response = self._process(request, form, answer, rate_limited)
+        if fault.get("after") and fault.get("drop"):
+            return None
+        if fault.get("after") and fault.get("status"):
+            return _fault_response(fault)
+        return response
+
+    def _process(
+        self, request: web.Request, form: dict[str, str], answer: Any, rate_limited: bool
+    ) -> web.Response:
         if not self._authorized(request.headers.get("Authorization", "")):
             return twilio_error(401, 20003, "Authenticate")
         if rate_limited and self.bucket is not None and not self.bucket.take():
             return twilio_error(429, 20429, "Too Many Requests")
-        if request.content_type != "application/x-www-form-urlencoded":
+        if request.method == "POST" and request.content_type != "application/x-www-form-urlencoded":
             return twilio_error(
                 400, 20001, "Content-Type must be application/x-www-form-urlencoded"
             )
@@ -154,6 +174,24 @@ class Emulator:
         }
         self.conversations[body["conversation_sid"]] = body["identity"]
         return web.json_response(body, status=201)
+
+    def _user_conversations(self, request: web.Request, form: dict[str, str]) -> web.Response:
+        """The conversations a user (by identity) participates in; 404 for an unknown user."""
+        identity = request.match_info["identity"]
+        sids = [sid for sid, who in self.conversations.items() if who == identity]
+        if request.match_info["service"] != SERVICE_SID or not sids:
+            return twilio_error(
+                404, 20404, f"The requested resource /Users/{identity} was not found"
+            )
+        conversations = [
+            {
+                "conversation_sid": sid,
+                "chat_service_sid": SERVICE_SID,
+                "conversation_state": "active",
+            }
+            for sid in sids
+        ]
+        return web.json_response({"conversations": conversations, "meta": {"page": 0}})
 
     def _message(self, request: web.Request, form: dict[str, str]) -> web.Response:
         sid = request.match_info["sid"]
@@ -190,6 +228,9 @@ class Emulator:
 
     async def list_requests(self, request: web.Request) -> web.Response:
         return web.json_response(self.requests)
+
+    async def list_conversations(self, request: web.Request) -> web.Response:
+        return web.json_response(self.conversations)
 
     async def add_faults(self, request: web.Request) -> web.Response:
         spec = await request.json()

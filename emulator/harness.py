@@ -60,6 +60,10 @@ class EmulatorProcess:
     def requests(self) -> list[dict[str, Any]]:
         return list(self.control.get("/__emulator/requests").json())
 
+    def conversations(self) -> dict[str, str]:
+        """Every conversation the emulator created (what Twilio would hold): SID -> identity."""
+        return dict(self.control.get("/__emulator/conversations").json())
+
     def busiest_second(self) -> int:
         """The most requests that arrived within any 1 s window, refused ones included."""
         times = sorted(r["time"] for r in self.requests())

@@ -1,4 +1,5 @@
-"""Twilio Conversations: posting the guest's first message into its new conversation.
+"""Twilio Conversations: posting the guest's first message into its new conversation, and asking
+which conversations a guest is in (to find a chat whose create may or may not have happened).
 
 ``POST {conversations}/v1/Conversations/{CH}/Messages`` with ``Author`` = the guest identity and
 ``X-Twilio-Webhook-Enabled: true``, so the post fires the conversation's webhooks (what starts the
@@ -14,16 +15,40 @@ from urllib.parse import quote
 
 from service.config import Settings
 from service.deadline import Deadline
-from service.errors import UpstreamBadResponse
+from service.errors import UpstreamBadResponse, UpstreamError
 from service.upstream import TwilioHttp, UpstreamRequest, json_object
 
 MESSAGE_SID = re.compile(r"IM[0-9a-fA-F]{32}")
+CONVERSATION_SID = re.compile(r"CH[0-9a-fA-F]{32}")
 
 
 class ConversationsClient:
     def __init__(self, twilio: TwilioHttp, settings: Settings) -> None:
         self._twilio = twilio
         self._base = settings.conversations_url
+        self._service_sid = settings.conversations_service_sid
+
+    async def find_conversation(self, identity: str, deadline: Deadline) -> str | None:
+        """The SID of a conversation the guest ``identity`` is in, or None when Twilio knows no
+        such guest (404) or the guest is in none. A GET: every failure class may be retried."""
+        request = UpstreamRequest(
+            "user_conversations",
+            f"{self._base}/v1/Services/{self._service_sid}/Users/"
+            f"{quote(identity, safe='')}/Conversations",
+            method="GET",
+        )
+        try:
+            response = await self._twilio.send(request, deadline, retry_ambiguous=True)
+        except UpstreamError as exc:
+            if exc.http_status == 404:
+                return None
+            raise
+        listed = (json_object(response) or {}).get("conversations")
+        for entry in listed if isinstance(listed, list) else []:
+            sid = entry.get("conversation_sid") if isinstance(entry, dict) else None
+            if isinstance(sid, str) and CONVERSATION_SID.fullmatch(sid):
+                return sid
+        return None
 
     async def post_message(
         self, conversation_sid: str, author: str, body: str, deadline: Deadline

@@ -219,7 +219,7 @@ def to_status(exc: BaseException) -> status_pb2.Status:
             return _status(code, f"Twilio: {exc.message}", *details)
         case UpstreamUnreachable():
             info = _error_info("UPSTREAM_UNREACHABLE", UPSTREAM_DOMAIN, {"reason": exc.reason})
-            return _status(code_pb2.UNAVAILABLE, str(exc), info, _retry_info(None))
+            return _status(code_pb2.UNAVAILABLE, str(exc), info, _retry_info(exc.retry_after))
         case UpstreamBadResponse():
             metadata = {"http_status": str(exc.http_status)}
             info = _error_info("UPSTREAM_BAD_RESPONSE", UPSTREAM_DOMAIN, metadata)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Iterator
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -28,15 +29,19 @@ T = TypeVar("T")
 class Execution:
     """One call's upstream work: whether a request is out, and whether its caller is gone."""
 
-    __slots__ = ("abandoned", "sending")
+    __slots__ = ("abandoned", "before_send", "last_sent_at", "sending")
 
     def __init__(self) -> None:
         self.sending = 0  # requests that may be at Twilio right now
         self.abandoned = False
+        self.last_sent_at = 0.0  # wall time the latest request started to leave
+        # Awaited just before a request may leave (e.g. to note it in the shared records).
+        self.before_send: Callable[[], Awaitable[None]] | None = None
 
     @contextlib.contextmanager
     def send(self) -> Iterator[None]:
         """Marks the span in which a request may have left."""
+        self.last_sent_at = time.time()
         self.sending += 1
         try:
             yield

@@ -73,6 +73,15 @@ class RecordBackend(Protocol):
 
     async def release(self, key: str, owner: str) -> None: ...
 
+    async def mark_sent(self, key: str, sent_by: float, ttl_seconds: float) -> None:
+        """Notes that a request for ``key`` may reach Twilio, all of it by wall time ``sent_by``;
+        forgotten when the outcome is stored."""
+        ...
+
+    async def sent_by(self, key: str) -> float | None:
+        """``mark_sent``'s time, when an earlier execution of ``key`` left no stored outcome."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -207,6 +216,7 @@ class LocalRecords:
         self, max_records: int = 100_000, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._records: dict[str, tuple[Record, float]] = {}  # in claim order, oldest first
+        self._sent: dict[str, float] = {}  # ids that may have reached Twilio, no outcome stored
         self._max = max_records
         self._clock = clock
         self._next_sweep = 0.0
@@ -238,6 +248,16 @@ class LocalRecords:
         existing = self._live(key)
         if existing is None or existing.owner == record.owner:
             self._records[key] = (record, self._clock() + ttl_seconds)
+            self._sent.pop(key, None)
+
+    async def mark_sent(self, key: str, sent_by: float, ttl_seconds: float) -> None:
+        if len(self._sent) >= self._max // 10:  # failed ids only: bounded far below the records
+            del self._sent[next(iter(self._sent))]
+        self._sent.pop(key, None)
+        self._sent[key] = sent_by
+
+    async def sent_by(self, key: str) -> float | None:
+        return self._sent.get(key)
 
     async def release(self, key: str, owner: str) -> None:
         existing = self._live(key)

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import json
 import logging
+import time
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -160,6 +161,30 @@ class RedisRecords:
 
     async def complete(self, key: str, record: Record, ttl_seconds: float) -> None:
         await self._run(self._complete, key, record.owner, _encode(record), _ms(ttl_seconds))
+        try:
+            await self._client.delete(self._sent_key(key))
+        except RedisError as exc:
+            raise _unavailable(exc) from None
+
+    @staticmethod
+    def _sent_key(key: str) -> str:
+        return f"{PREFIX}:sent:{key}"
+
+    async def mark_sent(self, key: str, sent_by: float, ttl_seconds: float) -> None:
+        try:
+            await self._client.set(self._sent_key(key), repr(sent_by), px=_ms(ttl_seconds))
+        except RedisError as exc:
+            raise _unavailable(exc) from None
+
+    async def sent_by(self, key: str) -> float | None:
+        try:
+            raw = await self._client.get(self._sent_key(key))
+        except RedisError as exc:
+            raise _unavailable(exc) from None
+        try:
+            return None if raw is None else float(raw)
+        except ValueError:
+            return time.time()  # unreadable: as if a request had just been sent
 
     async def release(self, key: str, owner: str) -> None:
         await self._run(self._release, key, owner)

@@ -193,9 +193,12 @@ class TwilioHttp:
             obs.RATE_LIMIT_WAIT.observe(waited)
         else:
             require_time_for(estimate.need(), deadline)
+        work = execution.current()
+        if work.before_send is not None:
+            await work.before_send()
         record = obs.current_rpc()
         record.upstream_attempts += 1
-        with tracing.attempt_span(record.upstream_attempts) as span, execution.current().send():
+        with tracing.attempt_span(record.upstream_attempts) as span, work.send():
             started = time.monotonic()
             try:
                 # From here the request may leave: nothing cancels it but its own timeout.

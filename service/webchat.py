@@ -24,7 +24,8 @@ from service.errors import (
     to_status,
 )
 from service.execution import Executions
-from service.flex import FlexClient
+from service.find_or_create import FindOrCreate
+from service.flex import FlexClient, WebChat
 from service.idempotency import IdempotencyStore, Outcome, is_stored_failure
 from service.params import WebChatParams
 from service.ratelimit import CallerQuota
@@ -61,6 +62,7 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
         self._tokens = tokens
         self._settings = settings
         self._quota = CallerQuota(settings.max_pending_per_caller)
+        self._find_or_create = FindOrCreate(flex, conversations, idempotency.backend, settings)
         self.executions = Executions()
 
     async def CreateWebChat(
@@ -108,23 +110,25 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
     ) -> webchat_pb2.CreateWebChatResponse:
         """At most one execution per request_id; later calls get the stored outcome."""
 
+        key = record_key(request.request_id, obs.current_rpc().caller)
+
         async def work() -> bytes:
-            # With a request_id the caller gets one answer per id whatever we retry, so an
-            # ambiguous failure may be retried; see README "Idempotency".
             try:
-                response = await self._create(params, deadline, retry_ambiguous=True)
+                if self._find_or_create.applies(params):
+                    chat, fresh = await self._find_or_create.create(key, params, deadline)
+                    # A chat found from an earlier execution may have its first message already.
+                    response = await self._respond(chat, params, deadline, post_message=fresh)
+                else:
+                    # The caller gets one answer per id whatever we retry, so an ambiguous
+                    # failure may be retried; see README "Idempotency".
+                    response = await self._create(params, deadline, retry_ambiguous=True)
             except FacadeError as exc:
                 if is_stored_failure(exc):
                     raise Outcome(to_status(exc).SerializeToString()) from exc
                 raise
             return response.SerializeToString()
 
-        record = await self._idempotency.run(
-            record_key(request.request_id, obs.current_rpc().caller),
-            fingerprint(request),
-            work,
-            deadline,
-        )
+        record = await self._idempotency.run(key, fingerprint(request), work, deadline)
         if not record.ok:
             raise ReplayedError(status_pb2.Status.FromString(record.payload))
         response = webchat_pb2.CreateWebChatResponse.FromString(record.payload)
@@ -147,10 +151,15 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
         self, params: WebChatParams, deadline: Deadline, *, retry_ambiguous: bool
     ) -> webchat_pb2.CreateWebChatResponse:
         chat = await self._flex.create_web_chat(params, deadline, retry_ambiguous=retry_ambiguous)
+        return await self._respond(chat, params, deadline, post_message=True)
+
+    async def _respond(
+        self, chat: WebChat, params: WebChatParams, deadline: Deadline, *, post_message: bool
+    ) -> webchat_pb2.CreateWebChatResponse:
         response = webchat_pb2.CreateWebChatResponse(
             conversation_sid=chat.conversation_sid, identity=chat.identity
         )
-        if params.initial_message:
+        if params.initial_message and post_message:
             response.initial_message_sid = await self._post_first_message(
                 chat.conversation_sid, chat.identity, params.initial_message, deadline
             )

@@ -1,0 +1,118 @@
+"""Find, don't re-create: one Twilio conversation per request_id, whatever fails.
+
+Twilio's create has no idempotency key, so a create whose answer was lost (5xx, reset after
+sending, read timeout, a replica that died, an outcome that could not be stored) may or may not
+have happened. When the caller leaves ``identity`` to the facade, the facade chooses it,
+deterministically from the account and the request_id's record key (a UUID, as Twilio's are, and
+unguessable without the id). Then whether the create happened is a question Twilio can answer:
+the guest's conversations in the Flex conversations service
+(``GET /v1/Services/{IS}/Users/{identity}/Conversations``; 404 means no such guest yet).
+
+* Found: that is the chat; it is recorded and answered.
+* Not found: re-sending is safe once no earlier request can still be in flight at Twilio. The
+  facade gives up on an answer after the attempt timeout, but Twilio may go on working on the
+  request; so it waits until twice the attempt timeout has passed since the send, looks again,
+  and only then re-sends. When the deadline cannot wait that long, the call fails UNAVAILABLE with a
+  RetryInfo saying when a retry can settle it.
+
+Just before each create request may leave, the id is marked in the records (``mark_sent``, with
+the time), so that an execution that leaves no stored outcome makes the next one, on any replica,
+start by looking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+import uuid
+from dataclasses import replace
+
+from service import execution
+from service.config import Settings
+from service.conversations import ConversationsClient
+from service.deadline import Deadline
+from service.errors import FacadeError, UpstreamUnreachable
+from service.flex import FlexClient, WebChat
+from service.idempotency import RecordBackend
+from service.params import WebChatParams
+from service.upstream import is_ambiguous
+
+
+SETTLE_TIMEOUTS = 2  # attempt timeouts after a send by which Twilio has settled it
+
+
+class FindOrCreate:
+    def __init__(
+        self,
+        flex: FlexClient,
+        conversations: ConversationsClient,
+        records: RecordBackend,
+        settings: Settings,
+    ) -> None:
+        self._flex = flex
+        self._conversations = conversations
+        self._records = records
+        self._settings = settings
+        self._account = (settings.account_sid or settings.username).encode()
+
+    def applies(self, params: WebChatParams) -> bool:
+        """Needs the conversations service to look in, and an identity of the facade's choosing
+        (a caller's own identity may already be in other conversations)."""
+        return bool(self._settings.conversations_service_sid) and not params.identity
+
+    def identity(self, key: str) -> str:
+        digest = hmac.new(self._account, key.encode(), hashlib.sha256).digest()
+        return str(uuid.UUID(bytes=digest[:16], version=4))
+
+    async def create(
+        self, key: str, params: WebChatParams, deadline: Deadline
+    ) -> tuple[WebChat, bool]:
+        """The chat for ``key``, and whether this execution created it (False: found)."""
+        params = replace(params, identity=self.identity(key))
+        earlier = await self._records.sent_by(key)
+        if earlier is not None:
+            found = await self._find(params.identity, deadline, earlier)
+            if found is not None:
+                return found, False
+        work = execution.current()
+
+        async def note_sending() -> None:
+            await self._records.mark_sent(key, time.time(), self._settings.idempotency_ttl)
+
+        last_error: FacadeError | None = None
+        for _ in range(self._settings.max_attempts):
+            work.before_send = note_sending
+            try:
+                chat = await self._flex.create_web_chat(params, deadline, retry_ambiguous=False)
+                return chat, True
+            except FacadeError as exc:
+                if not is_ambiguous(exc) or work.abandoned:
+                    raise
+                last_error = exc
+            finally:
+                work.before_send = None
+            found = await self._find(params.identity, deadline, work.last_sent_at)
+            if found is not None:
+                return found, True
+        assert last_error is not None
+        raise last_error
+
+    async def _find(self, identity: str, deadline: Deadline, sent_at: float) -> WebChat | None:
+        """The guest's chat, or None once no request sent at ``sent_at`` can still create it."""
+        sid = await self._conversations.find_conversation(identity, deadline)
+        if sid is None:
+            settle = sent_at + SETTLE_TIMEOUTS * self._settings.attempt_timeout - time.time()
+            if settle > 0:
+                if settle >= deadline.remaining():
+                    failure = UpstreamUnreachable(
+                        "an earlier request for this request_id may still be in flight at "
+                        "Twilio; retry with the same request_id once it has settled",
+                        maybe_processed=True,
+                    )
+                    failure.retry_after = settle
+                    raise failure
+                await asyncio.sleep(settle)
+                sid = await self._conversations.find_conversation(identity, deadline)
+        return None if sid is None else WebChat(conversation_sid=sid, identity=identity)
