@@ -13,7 +13,7 @@ errors in Twilio's shape. Faults and latency apply to every endpoint. Tests stee
   "latency": 0.5, "body": "raw text", "drop": true, "after": true}`` (drop closes the connection
   unanswered; after: the request is processed first, e.g. the conversation is created, and then
   answered with the fault: Twilio's "ambiguous" failures)
-* ``POST /__emulator/reset``     forget requests and faults, refill the rate limit
+* ``POST /__emulator/reset``     forget requests, faults and conversations, refill the rate limit
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ class Emulator:
     def reset(self) -> None:
         self.requests.clear()
         self.faults.clear()
+        self.conversations.clear()
         self.latency = 0.0
         self.bucket = TokenBucket(self.rate_limit, self.rate_limit) if self.rate_limit else None
 
