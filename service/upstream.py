@@ -52,7 +52,7 @@ from service.errors import (
     UpstreamUnreachable,
 )
 from service.ratelimit import Limiter, require_time_for
-from service.transport import AiohttpTransport
+from service.transport import AiohttpTransport, CookielessClient
 
 log = logging.getLogger("flexwebchat.upstream")
 
@@ -77,7 +77,7 @@ USER_AGENT = (
 
 def new_http_client(settings: Settings) -> httpx.AsyncClient:
     """The one long-lived HTTP client, for every Twilio host; create it inside the running loop."""
-    return httpx.AsyncClient(
+    return CookielessClient(
         auth=httpx.BasicAuth(settings.username, settings.password.reveal()),
         headers={"User-Agent": USER_AGENT},
         timeout=httpx.Timeout(settings.attempt_timeout, connect=min(settings.attempt_timeout, 5)),

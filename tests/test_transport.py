@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from emulator.harness import free_port
-from service.flex import _transport_failure
+from service.config import Secret, Settings
+from service.upstream import new_http_client, transport_failure
 from service.transport import AiohttpTransport
 
 SECRET = "s3cret-auth-token"
@@ -135,7 +136,7 @@ async def failure(http: httpx.AsyncClient) -> httpx.TransportError:
 
 def never_sent(exc: httpx.TransportError) -> bool:
     """What the retry policy concludes: may this POST be re-sent without risking a duplicate?"""
-    return not _transport_failure(exc).maybe_processed
+    return not transport_failure(exc).maybe_processed
 
 
 @pytest.fixture(params=list(TRANSPORTS))
@@ -360,3 +361,22 @@ async def test_same_bytes_on_the_wire_and_same_response_as_httpx_default() -> No
     assert ours.json() == reference.json() == CREATED
     assert ours.reason_phrase == reference.reason_phrase == "Created"
     assert ours.http_version == reference.http_version == "HTTP/1.1"
+
+
+async def test_the_facade_client_keeps_no_cookies() -> None:
+    async def with_cookie(
+        server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ):
+        while True:
+            await server.read_request(reader)
+            respond(writer, 201, json.dumps(CREATED).encode(), "Set-Cookie: session=abc; Path=/")
+            await writer.drain()
+
+    async with RawServer(with_cookie) as server:
+        config = Settings(username="AC" + "1" * 32, password=Secret(SECRET), base_url=server.url)
+        async with new_http_client(config) as http:
+            for _ in range(2):
+                assert (await post(http)).status_code == 201
+            assert not http.cookies
+    assert all(b"\r\ncookie:" not in raw.lower() for raw in server.requests)
+    assert len(server.requests) == 2
