@@ -12,11 +12,15 @@ import base64
 import gzip
 import json
 import socket
+import ssl
 import struct
+import tempfile
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+from test_caller_auth import Pem, issue
 
 from emulator.harness import free_port
 from service.config import Secret, Settings
@@ -34,16 +38,18 @@ class RawServer:
     """HTTP/1.1 by hand on raw sockets: every connection runs ``behaviour``; requests are kept
     byte for byte as they arrived."""
 
-    def __init__(self, behaviour: Behaviour) -> None:
+    def __init__(self, behaviour: Behaviour, tls: ssl.SSLContext | None = None) -> None:
         self.behaviour = behaviour
+        self.tls = tls
         self.requests: list[bytes] = []
         self.connections = 0
         self._handlers: set[asyncio.Task[None]] = set()
         self.request_arrived = asyncio.Event()
 
     async def __aenter__(self) -> RawServer:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
+        scheme = "https" if self.tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -101,19 +107,25 @@ async def answer_201(server: RawServer, reader: asyncio.StreamReader, writer: as
         await writer.drain()
 
 
-TRANSPORTS = {
-    "aiohttp": lambda limits: AiohttpTransport(limits=limits),
-    "httpx-default": lambda limits: httpx.AsyncHTTPTransport(limits=limits),
+TRANSPORTS: dict[str, Callable[..., httpx.AsyncBaseTransport]] = {
+    "aiohttp": AiohttpTransport,
+    "httpx-default": httpx.AsyncHTTPTransport,
 }
 
 
 def client(
-    kind: str, base_url: str, *, max_connections: int = 10, **timeouts: float
+    kind: str,
+    base_url: str,
+    *,
+    max_connections: int = 10,
+    verify: ssl.SSLContext | bool = True,
+    **timeouts: float,
 ) -> httpx.AsyncClient:
     """Configured as service.flex.new_http_client configures it, on the given transport."""
+    limits = httpx.Limits(max_connections=max_connections)
     return httpx.AsyncClient(
         base_url=base_url,
-        transport=TRANSPORTS[kind](httpx.Limits(max_connections=max_connections)),
+        transport=TRANSPORTS[kind](limits=limits, verify=verify),
         auth=httpx.BasicAuth("AC" + "1" * 32, SECRET),
         headers={"User-Agent": "flexwebchat/test"},
         timeout=httpx.Timeout(timeouts.pop("timeout", 5.0), **timeouts),
@@ -380,3 +392,39 @@ async def test_the_facade_client_keeps_no_cookies() -> None:
             assert not http.cookies
     assert all(b"\r\ncookie:" not in raw.lower() for raw in server.requests)
     assert len(server.requests) == 2
+
+
+# -- TLS: a failed handshake happens before any byte of the request --------------------------------
+
+
+@pytest.fixture(scope="module")
+def server_tls() -> tuple[ssl.SSLContext, Pem]:
+    ca = issue("transport-test-ca", ca=True)
+    server = issue("localhost", ca, server=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    with tempfile.TemporaryDirectory() as tmp:
+        cert, key = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+        cert.write_bytes(server.cert)
+        key.write_bytes(server.key)
+        context.load_cert_chain(cert, key)
+    return context, ca
+
+
+async def test_tls_with_a_trusted_certificate(kind: str, server_tls) -> None:
+    context, ca = server_tls
+    trusting = ssl.create_default_context(cadata=ca.cert.decode())
+    async with RawServer(answer_201, tls=context) as server:
+        async with client(kind, server.url, verify=trusting) as http:
+            response = await post(http)
+    assert response.status_code == 201
+    assert response.json() == CREATED
+
+
+async def test_tls_with_an_untrusted_certificate_is_never_sent(kind: str, server_tls) -> None:
+    context, _ = server_tls
+    async with RawServer(answer_201, tls=context) as server:
+        async with client(kind, server.url) as http:  # verified against the public CAs
+            exc = await failure(http)
+    assert isinstance(exc, httpx.ConnectError)
+    assert never_sent(exc)
+    assert server.requests == []
