@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -193,8 +194,11 @@ def _http_version(response: aiohttp.ClientResponse) -> bytes:
 @functools.lru_cache(maxsize=16)
 def _client_timeout(connect: float | None, read: float | None) -> aiohttp.ClientTimeout:
     # connect covers DNS, TCP and TLS (our pool wait is separate); sock_read is the longest
-    # silence while reading, like httpx's read timeout.
-    return aiohttp.ClientTimeout(total=None, connect=connect, sock_read=read)
+    # silence while reading, like httpx's read timeout. No ceiling: aiohttp would otherwise round
+    # connect timeouts over 5 s up to a whole second of the loop clock.
+    return aiohttp.ClientTimeout(
+        total=None, connect=connect, sock_read=read, ceil_threshold=math.inf
+    )
 
 
 class _NoCookies(httpx.Cookies):
