@@ -1,9 +1,10 @@
 """An httpx transport over aiohttp: httpx stays the client API, aiohttp moves the bytes.
 
-Why: with httpx's default transport (httpcore) the outbound POST cost more CPU than the rest of a
-call together; aiohttp does the same work for about a fifth (make bench). The PyPI package
-httpx-aiohttp was refused because it maps aiohttp's ServerDisconnectedError (the server closed
-after the request was sent) to ConnectTimeout, which the retry policy reads as "never sent".
+Why: one form POST through httpx costs about 0.9 ms of CPU on its default transport (httpcore),
+0.3 ms through aiohttp alone, and 0.5 ms through this transport with ``CookielessClient`` (make
+bench, 2 cores). The PyPI package httpx-aiohttp was refused because it maps aiohttp's
+ServerDisconnectedError (the server closed after the request was sent) to ConnectTimeout, which
+the retry policy reads as "never sent".
 
 The retry policy (service/flex.py) splits transport failures in two, and this module keeps that
 split exact:
@@ -18,7 +19,8 @@ split exact:
   the request went out, nothing on this side can tell whether the server read the request first,
   so it stays "may have been sent", as with httpcore.
 
-aiohttp never retries a POST on a dead keep-alive connection (only idempotent methods).
+aiohttp never re-sends a POST on a dead keep-alive connection (it does re-send idempotent
+methods once, which is safe by definition).
 Responses are neither decompressed (httpx decodes them) nor followed (httpx handles redirects).
 The write timeout is not enforced separately: a write that stalls shows up as a read timeout,
 which is in the same class (may have been sent).
@@ -47,7 +49,12 @@ _DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
-    """``httpx.AsyncClient(transport=AiohttpTransport(...))``; HTTP/1.1 only, no proxies."""
+    """``httpx.AsyncClient(transport=AiohttpTransport(...))``; HTTP/1.1 only, no proxies.
+
+    ``limits.max_connections`` bounds the requests in flight (PoolTimeout past the pool
+    timeout), ``keepalive_expiry`` closes idle connections; ``max_keepalive_connections`` is
+    not applied (aiohttp keeps each idle connection until it expires).
+    """
 
     def __init__(
         self,
