@@ -46,7 +46,7 @@ from emulator.harness import (
     stop_process,
 )
 from service.config import Secret, Settings
-from service.flex import new_http_client
+from service.upstream import new_http_client
 
 CALLS = int(os.environ.get("BENCH_CALLS", "400"))
 BURST = 30
@@ -149,11 +149,11 @@ async def one_at_a_time(name: str, post: Callable[[], Awaitable[None]]) -> Row:
     return row(name, latencies, wall, (time.process_time() - cpu_before) * 1000 / CALLS)
 
 
-async def bare_httpx(name: str, http: httpx.AsyncClient) -> Row:
+async def bare_httpx(name: str, http: httpx.AsyncClient, url: str) -> Row:
     async with http:
 
         async def post() -> None:
-            response = await http.post("/v2/WebChats", data=FORM, headers=HEADERS)
+            response = await http.post(url, data=FORM, headers=HEADERS)
             response.raise_for_status()
             response.json()
 
@@ -175,13 +175,16 @@ async def bare_aiohttp(emulator: EmulatorProcess) -> Row:
 async def facade_http_client(emulator: EmulatorProcess) -> Row:
     """The facade's own httpx client (aiohttp transport, no cookies), without the facade."""
     config = Settings(username=ACCOUNT_SID, password=Secret(AUTH_TOKEN), base_url=emulator.url)
-    return await bare_httpx("facade's httpx client alone, 1 at a time", new_http_client(config))
+    name, url = "facade's httpx client alone, 1 at a time", emulator.url + "/v2/WebChats"
+    return await bare_httpx(name, new_http_client(config), url)
 
 
 def bare_rows(emulator: EmulatorProcess) -> list[Row]:
     auth = httpx.BasicAuth(ACCOUNT_SID, AUTH_TOKEN)
     return [
-        run_async(bare_httpx(BARE_HTTPX, httpx.AsyncClient(base_url=emulator.url, auth=auth))),
+        run_async(
+            bare_httpx(BARE_HTTPX, httpx.AsyncClient(auth=auth), emulator.url + "/v2/WebChats")
+        ),
         run_async(facade_http_client(emulator)),
         run_async(bare_aiohttp(emulator)),
     ]

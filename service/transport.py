@@ -6,7 +6,7 @@ bench, 2 cores). The PyPI package httpx-aiohttp was refused because it maps aioh
 ServerDisconnectedError (the server closed after the request was sent) to ConnectTimeout, which
 the retry policy reads as "never sent".
 
-The retry policy (service/flex.py) splits transport failures in two, and this module keeps that
+The retry policy (service/upstream.py) splits transport failures in two, and this module keeps that
 split exact:
 
 * never sent -> ConnectError (refused, DNS failure, TLS handshake), ConnectTimeout, PoolTimeout.

@@ -24,8 +24,8 @@ from test_caller_auth import Pem, issue
 
 from emulator.harness import free_port
 from service.config import Secret, Settings
-from service.upstream import new_http_client, transport_failure
 from service.transport import AiohttpTransport
+from service.upstream import new_http_client, transport_failure
 
 SECRET = "s3cret-auth-token"
 FORM = {"AddressSid": "IG" + "ab" * 16, "PreEngagementData": '{"q": "Où est ma commande ?"}'}
@@ -121,7 +121,7 @@ def client(
     verify: ssl.SSLContext | bool = True,
     **timeouts: float,
 ) -> httpx.AsyncClient:
-    """Configured as service.flex.new_http_client configures it, on the given transport."""
+    """Configured as service.upstream.new_http_client configures it, on the given transport."""
     limits = httpx.Limits(max_connections=max_connections)
     return httpx.AsyncClient(
         base_url=base_url,
@@ -134,9 +134,9 @@ def client(
     )
 
 
-def post(http: httpx.AsyncClient) -> Awaitable[httpx.Response]:
+def post(http: httpx.AsyncClient, url: str = "/v2/WebChats") -> Awaitable[httpx.Response]:
     headers = {"Accept": "application/json", "Accept-Charset": "utf-8", "Ui-Version": "1.0.0"}
-    return http.post("/v2/WebChats", data=FORM, headers=headers)
+    return http.post(url, data=FORM, headers=headers)
 
 
 async def failure(http: httpx.AsyncClient) -> httpx.TransportError:
@@ -388,7 +388,7 @@ async def test_the_facade_client_keeps_no_cookies() -> None:
         config = Settings(username="AC" + "1" * 32, password=Secret(SECRET), base_url=server.url)
         async with new_http_client(config) as http:
             for _ in range(2):
-                assert (await post(http)).status_code == 201
+                assert (await post(http, f"{server.url}/v2/WebChats")).status_code == 201
             assert not http.cookies
     assert all(b"\r\ncookie:" not in raw.lower() for raw in server.requests)
     assert len(server.requests) == 2
