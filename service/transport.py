@@ -22,8 +22,9 @@ split exact:
 aiohttp never re-sends a POST on a dead keep-alive connection (it does re-send idempotent
 methods once, which is safe by definition).
 Responses are neither decompressed (httpx decodes them) nor followed (httpx handles redirects).
-The write timeout is not enforced separately: a write that stalls shows up as a read timeout,
-which is in the same class (may have been sent).
+aiohttp has no write timeout, and starts its read timeout only once the body is written, so a
+body the server stops reading would wait forever; each exchange is therefore also bounded by its
+connect, write and read timeouts added up (a ReadTimeout: may have been sent).
 
 Cookies: the facade never needs them, yet httpx's client parses every response for them through
 urllib's cookie jar, about a quarter of the client's CPU per call here (make bench). Neither
@@ -101,7 +102,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 headers=headers,
                 data=body or None,
                 allow_redirects=False,
-                timeout=_client_timeout(timeouts.get("connect"), timeouts.get("read")),
+                timeout=_client_timeout(
+                    timeouts.get("connect"), timeouts.get("write"), timeouts.get("read")
+                ),
             )
         except BaseException as exc:
             self._release_slot()
@@ -179,8 +182,10 @@ def transport_error(exc: BaseException, request: httpx.Request) -> httpx.Transpo
         error = httpx.ConnectTimeout
     elif isinstance(exc, aiohttp.ClientConnectorError):  # DNS, refused, TLS handshake
         error = httpx.ConnectError
-    elif isinstance(exc, TimeoutError):  # ServerTimeoutError: no answer within the read timeout
+    elif isinstance(exc, TimeoutError):  # the read timeout, or the bound on the whole exchange
         error = httpx.ReadTimeout
+        if not isinstance(exc, aiohttp.ServerTimeoutError):
+            message = "the exchange outlasted its connect, write and read timeouts together"
     elif isinstance(
         exc,
         aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | aiohttp.ClientResponseError,
@@ -199,12 +204,17 @@ def _http_version(response: aiohttp.ClientResponse) -> bytes:
 
 
 @functools.lru_cache(maxsize=16)
-def _client_timeout(connect: float | None, read: float | None) -> aiohttp.ClientTimeout:
+def _client_timeout(
+    connect: float | None, write: float | None, read: float | None
+) -> aiohttp.ClientTimeout:
     # connect covers DNS, TCP and TLS (our pool wait is separate); sock_read is the longest
-    # silence while reading, like httpx's read timeout. No ceiling: aiohttp would otherwise round
-    # connect timeouts over 5 s up to a whole second of the loop clock.
+    # silence while reading, like httpx's read timeout; total stands in for the write timeout
+    # aiohttp lacks. No ceiling: aiohttp would otherwise round timeouts over 5 s up to a whole
+    # second of the loop clock.
+    parts = (connect, write, read)
+    total = sum(p for p in parts if p is not None) if None not in parts else None
     return aiohttp.ClientTimeout(
-        total=None, connect=connect, sock_read=read, ceil_threshold=math.inf
+        total=total, connect=connect, sock_read=read, ceil_threshold=math.inf
     )
 
 

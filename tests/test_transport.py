@@ -268,6 +268,24 @@ async def test_read_timeout_may_have_been_sent(kind: str) -> None:
     assert len(server.requests) == 1
 
 
+async def test_a_body_the_server_stops_reading_ends_in_a_timeout(kind: str) -> None:
+    # Loopback buffers take a few MB; past that the write waits for a reader that never comes.
+    async def never_read(
+        server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ):
+        await asyncio.sleep(30)
+
+    async with (
+        RawServer(never_read) as server,
+        client(kind, server.url, connect=1, write=0.3, read=0.3) as http,
+    ):
+        async with asyncio.timeout(20):  # a hang fails the test here, not in the whole run
+            with pytest.raises(httpx.TimeoutException) as caught:
+                await http.post("/v2/WebChats", content=b"x" * (16 << 20))
+    assert isinstance(caught.value, httpx.WriteTimeout | httpx.ReadTimeout)
+    assert not never_sent(caught.value)
+
+
 async def test_reused_connection_closed_after_the_request_was_read_may_have_been_sent(
     kind: str,
 ) -> None:
