@@ -1,6 +1,7 @@
 """``make bench``: the facade next to twilio-python, measured in the same run, on loopback.
 
 1. Cost and latency of one CreateWebChat through the facade (limits off), 1 and 50 at a time,
+   in BENCH_ROUNDS interleaved rounds (3) of BENCH_CALLS calls (400),
    beside twilio-python's ``web_channels.create()`` called directly and bare HTTP clients doing
    the same POST (httpx with its default transport, httpx with the facade's aiohttp transport,
    aiohttp alone), against the same emulator.
@@ -24,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,8 @@ from emulator.harness import (
 from service.config import Secret, Settings
 from service.upstream import new_http_client
 
-CALLS = int(os.environ.get("BENCH_CALLS", "400"))
+CALLS = int(os.environ.get("BENCH_CALLS", "400"))  # per row and round
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 BURST = 30
 REQUEST = webchat_pb2.CreateWebChatRequest(
     address_sid=ADDRESS_SID, customer_friendly_name="Ada", pre_engagement_data='{"topic": "bench"}'
@@ -108,15 +111,27 @@ def twilio_create(client: Client) -> None:
     )
 
 
-def row(name: str, latencies: list[float], wall: float, cpu_ms: float) -> Row:
-    ms = [v * 1000 for v in latencies]
+@dataclass
+class Sample:
+    """One round of one row: per-call latencies, wall seconds, CPU ms per call."""
+
+    latencies: list[float]
+    wall: float
+    cpu_ms: float
+
+
+def row(name: str, samples: list[Sample]) -> Row:
+    """All rounds of a row: latencies pooled, CPU the median round (robust to a noisy neighbour)."""
+    ms = [v * 1000 for sample in samples for v in sample.latencies]
     return {
         "name": name,
         "calls": len(ms),
-        "calls_per_s": round(len(ms) / wall, 1),
+        "rounds": len(samples),
+        "calls_per_s": round(len(ms) / sum(sample.wall for sample in samples), 1),
         "p50_ms": round(statistics.median(ms), 3),
         "p99_ms": round(percentile(ms, 99), 3),
-        "cpu_ms_per_call": round(cpu_ms, 3),
+        "cpu_ms_per_call": round(statistics.median(sample.cpu_ms for sample in samples), 3),
+        "cpu_ms_per_call_rounds": [round(sample.cpu_ms, 3) for sample in samples],
     }
 
 
@@ -127,7 +142,7 @@ def format_row(r: Row) -> str:
     )
 
 
-def run_async(main: Coroutine[Any, Any, Row]) -> Row:
+def run_async(main: Coroutine[Any, Any, Sample]) -> Sample:
     """On uvloop when installed, as the facade runs."""
     try:
         import uvloop
@@ -136,7 +151,7 @@ def run_async(main: Coroutine[Any, Any, Row]) -> Row:
     return uvloop.run(main)
 
 
-async def one_at_a_time(name: str, post: Callable[[], Awaitable[None]]) -> Row:
+async def one_at_a_time(post: Callable[[], Awaitable[None]]) -> Sample:
     """CALLS posts one after the other, after a warm-up; CPU of this process."""
     await post()
     latencies = []
@@ -146,10 +161,10 @@ async def one_at_a_time(name: str, post: Callable[[], Awaitable[None]]) -> Row:
         await post()
         latencies.append(time.perf_counter() - t0)
     wall = time.perf_counter() - started
-    return row(name, latencies, wall, (time.process_time() - cpu_before) * 1000 / CALLS)
+    return Sample(latencies, wall, (time.process_time() - cpu_before) * 1000 / CALLS)
 
 
-async def bare_httpx(name: str, http: httpx.AsyncClient, url: str) -> Row:
+async def bare_httpx(http: httpx.AsyncClient, url: str) -> Sample:
     async with http:
 
         async def post() -> None:
@@ -157,10 +172,10 @@ async def bare_httpx(name: str, http: httpx.AsyncClient, url: str) -> Row:
             response.raise_for_status()
             response.json()
 
-        return await one_at_a_time(name, post)
+        return await one_at_a_time(post)
 
 
-async def bare_aiohttp(emulator: EmulatorProcess) -> Row:
+async def bare_aiohttp(emulator: EmulatorProcess) -> Sample:
     headers = {**HEADERS, "Authorization": aiohttp.encode_basic_auth(ACCOUNT_SID, AUTH_TOKEN)}
     async with aiohttp.ClientSession(emulator.url) as session:
 
@@ -169,56 +184,62 @@ async def bare_aiohttp(emulator: EmulatorProcess) -> Row:
                 response.raise_for_status()
                 await response.json()
 
-        return await one_at_a_time("bare aiohttp POST, 1 at a time", post)
+        return await one_at_a_time(post)
 
 
-async def facade_http_client(emulator: EmulatorProcess) -> Row:
-    """The facade's own httpx client (aiohttp transport, no cookies), without the facade."""
+def bare_samples(emulator: EmulatorProcess) -> dict[str, Sample]:
+    url = emulator.url + "/v2/WebChats"
+    # The facade's own httpx client (aiohttp transport, no cookies), without the facade.
     config = Settings(username=ACCOUNT_SID, password=Secret(AUTH_TOKEN), base_url=emulator.url)
-    name, url = "facade's httpx client alone, 1 at a time", emulator.url + "/v2/WebChats"
-    return await bare_httpx(name, new_http_client(config), url)
-
-
-def bare_rows(emulator: EmulatorProcess) -> list[Row]:
     auth = httpx.BasicAuth(ACCOUNT_SID, AUTH_TOKEN)
-    return [
-        run_async(
-            bare_httpx(BARE_HTTPX, httpx.AsyncClient(auth=auth), emulator.url + "/v2/WebChats")
+    return {
+        BARE_HTTPX: run_async(bare_httpx(httpx.AsyncClient(auth=auth), url)),
+        "facade's httpx client alone, 1 at a time": run_async(
+            bare_httpx(new_http_client(config), url)
         ),
-        run_async(facade_http_client(emulator)),
-        run_async(bare_aiohttp(emulator)),
-    ]
+        "bare aiohttp POST, 1 at a time": run_async(bare_aiohttp(emulator)),
+    }
+
+
+def facade_sample(facade: FacadeProcess, concurrency: int) -> Sample:
+    before, started = cpu_seconds(facade.proc.pid), time.perf_counter()
+    latencies = asyncio.run(facade_calls(facade.target, CALLS, concurrency))
+    wall = time.perf_counter() - started
+    return Sample(latencies, wall, (cpu_seconds(facade.proc.pid) - before) * 1000 / (CALLS + 1))
+
+
+def twilio_sample(client: Client) -> Sample:
+    twilio_create(client)  # warm-up
+    latencies = []
+    cpu_before, started = time.process_time(), time.perf_counter()
+    for _ in range(CALLS):
+        t0 = time.perf_counter()
+        twilio_create(client)
+        latencies.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - started
+    return Sample(latencies, wall, (time.process_time() - cpu_before) * 1000 / CALLS)
 
 
 def cost_and_latency(workdir: Path) -> list[Row]:
+    """ROUNDS rounds, each measuring every row once, so that a busy moment hits all rows alike."""
     emulator = start_emulator(rate_limit=0)
     facade = start_facade(
         facade_env(emulator.url, FLEX_RATE_LIMIT_RPS="0", LOG_LEVEL="WARNING"), workdir / "f.log"
     )
-    lines = []
+    samples: dict[str, list[Sample]] = {}
     try:
-        for concurrency in (1, 50):
-            before, started = cpu_seconds(facade.proc.pid), time.perf_counter()
-            latencies = asyncio.run(facade_calls(facade.target, CALLS, concurrency))
-            wall = time.perf_counter() - started
-            cpu_ms = (cpu_seconds(facade.proc.pid) - before) * 1000 / (CALLS + 1)
-            lines.append(row(f"facade gRPC, {concurrency} at a time", latencies, wall, cpu_ms))
-        lines.extend(bare_rows(emulator))
         client = twilio_client(emulator)
-        twilio_create(client)  # warm-up
-        latencies = []
-        cpu_before, started = time.process_time(), time.perf_counter()
-        for _ in range(CALLS):
-            t0 = time.perf_counter()
-            twilio_create(client)
-            latencies.append(time.perf_counter() - t0)
-        wall = time.perf_counter() - started
-        cpu_ms = (time.process_time() - cpu_before) * 1000 / CALLS
-        lines.append(row(TWILIO, latencies, wall, cpu_ms))
+        for _ in range(ROUNDS):
+            for concurrency in (1, 50):
+                name = f"facade gRPC, {concurrency} at a time"
+                samples.setdefault(name, []).append(facade_sample(facade, concurrency))
+            for name, sample in bare_samples(emulator).items():
+                samples.setdefault(name, []).append(sample)
+            samples.setdefault(TWILIO, []).append(twilio_sample(client))
     finally:
         facade.stop()
         stop_process(emulator.proc)
-    return lines
+    return [row(name, rounds) for name, rounds in samples.items()]
 
 
 def account_limit(workdir: Path) -> list[Row]:
@@ -324,13 +345,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         print(
-            f"1. One CreateWebChat, {CALLS} calls after warm-up (emulator on loopback, limits off)"
+            f"1. One CreateWebChat, {ROUNDS} rounds of {CALLS} calls after warm-up "
+            "(emulator on loopback, limits off)"
         )
         print(f"{'':<44} {'calls/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms':>8}")
         results["one_create"] = cost_and_latency(workdir)
         for r in results["one_create"]:
             print(format_row(r), flush=True)
-        print("   CPU ms: per call, of the facade process (facade rows) or of the calling process")
+        print("   CPU ms: per call, of the facade process (facade rows) or of the calling process;")
+        print("   the median round (all rounds in the JSON); p50/p99 over all rounds' calls")
         print("   bare/alone rows: the same form POST from this process, on uvloop as the facade")
         print()
         print("2. 30 simultaneous chats against Twilio's limit of 5 requests/second")
