@@ -55,7 +55,7 @@ lint: $(STAMP) node_modules/.installed
 	$(BIN)/mypy
 
 bench: $(STAMP) system-deps
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench --json bench/results.json
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis

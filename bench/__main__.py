@@ -1,24 +1,37 @@
 """``make bench``: the facade next to twilio-python, measured in the same run, on loopback.
 
 1. Cost and latency of one CreateWebChat through the facade (limits off), 1 and 50 at a time,
-   beside twilio-python's ``web_channels.create()`` called directly, against the same emulator.
+   in BENCH_ROUNDS interleaved rounds (3) of BENCH_CALLS calls (400),
+   beside twilio-python's ``web_channels.create()`` called directly and bare HTTP clients doing
+   the same POST (httpx with its default transport, httpx with the facade's aiohttp transport,
+   aiohttp alone), against the same emulator.
 2. 30 simultaneous chats against Twilio's 5 requests/second limit (the emulator enforces it):
    30 threads calling twilio-python directly, beside 30 callers going through the facade.
+3. The issue-12 ratios computed from 1 (same run, so comparable).
 
-Loops are bounded; every process started here is stopped at the end.
+Prints tables; ``--json PATH`` also writes every number as JSON (``make bench`` writes
+bench/results.json). Loops are bounded; every process started here is stopped at the end.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import datetime
+import json
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import grpc
+import httpx
 from flexwebchat.v1 import webchat_pb2, webchat_pb2_grpc
 from twilio.base.exceptions import TwilioRestException
 from twilio.rest import Client
@@ -34,12 +47,28 @@ from emulator.harness import (
     start_redis,
     stop_process,
 )
+from service.config import Secret, Settings
+from service.upstream import new_http_client
 
-CALLS = int(os.environ.get("BENCH_CALLS", "400"))
+CALLS = int(os.environ.get("BENCH_CALLS", "400"))  # per row and round
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 BURST = 30
 REQUEST = webchat_pb2.CreateWebChatRequest(
     address_sid=ADDRESS_SID, customer_friendly_name="Ada", pre_engagement_data='{"topic": "bench"}'
 )
+# The same create as a bare HTTP POST: what the facade and twilio-python send.
+FORM = {
+    "AddressSid": ADDRESS_SID,
+    "CustomerFriendlyName": "Ada",
+    "PreEngagementData": '{"topic": "bench"}',
+}
+HEADERS = {"Accept": "application/json", "Accept-Charset": "utf-8"}
+FACADE_1, TWILIO, BARE_HTTPX = (
+    "facade gRPC, 1 at a time",
+    "twilio-python direct (sync), 1 at a time",
+    "bare httpx POST, 1 at a time",
+)
+Row = dict[str, Any]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -82,46 +111,138 @@ def twilio_create(client: Client) -> None:
     )
 
 
-def row(name: str, latencies: list[float], wall: float, cpu_ms: float | None) -> str:
-    ms = [v * 1000 for v in latencies]
-    cpu = f"{cpu_ms:8.2f}" if cpu_ms is not None else "       -"
+@dataclass
+class Sample:
+    """One round of one row: per-call latencies, wall seconds, CPU ms per call."""
+
+    latencies: list[float]
+    wall: float
+    cpu_ms: float
+
+
+def row(name: str, samples: list[Sample]) -> Row:
+    """All rounds of a row: latencies pooled, CPU the median round (robust to a noisy neighbour)."""
+    ms = [v * 1000 for sample in samples for v in sample.latencies]
+    return {
+        "name": name,
+        "calls": len(ms),
+        "rounds": len(samples),
+        "calls_per_s": round(len(ms) / sum(sample.wall for sample in samples), 1),
+        "p50_ms": round(statistics.median(ms), 3),
+        "p99_ms": round(percentile(ms, 99), 3),
+        "cpu_ms_per_call": round(statistics.median(sample.cpu_ms for sample in samples), 3),
+        "cpu_ms_per_call_rounds": [round(sample.cpu_ms, 3) for sample in samples],
+    }
+
+
+def format_row(r: Row) -> str:
     return (
-        f"{name:<44} {len(ms) / wall:8.0f} {statistics.median(ms):8.2f} "
-        f"{percentile(ms, 99):8.2f} {cpu}"
+        f"{r['name']:<44} {r['calls_per_s']:8.0f} {r['p50_ms']:8.2f} "
+        f"{r['p99_ms']:8.2f} {r['cpu_ms_per_call']:8.2f}"
     )
 
 
-def cost_and_latency(workdir: Path) -> list[str]:
+def run_async(main: Coroutine[Any, Any, Sample]) -> Sample:
+    """On uvloop when installed, as the facade runs."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+async def one_at_a_time(post: Callable[[], Awaitable[None]]) -> Sample:
+    """CALLS posts one after the other, after a warm-up; CPU of this process."""
+    await post()
+    latencies = []
+    cpu_before, started = time.process_time(), time.perf_counter()
+    for _ in range(CALLS):
+        t0 = time.perf_counter()
+        await post()
+        latencies.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - started
+    return Sample(latencies, wall, (time.process_time() - cpu_before) * 1000 / CALLS)
+
+
+async def bare_httpx(http: httpx.AsyncClient, url: str) -> Sample:
+    async with http:
+
+        async def post() -> None:
+            response = await http.post(url, data=FORM, headers=HEADERS)
+            response.raise_for_status()
+            response.json()
+
+        return await one_at_a_time(post)
+
+
+async def bare_aiohttp(emulator: EmulatorProcess) -> Sample:
+    headers = {**HEADERS, "Authorization": aiohttp.encode_basic_auth(ACCOUNT_SID, AUTH_TOKEN)}
+    async with aiohttp.ClientSession(emulator.url) as session:
+
+        async def post() -> None:
+            async with session.post("/v2/WebChats", data=FORM, headers=headers) as response:
+                response.raise_for_status()
+                await response.json()
+
+        return await one_at_a_time(post)
+
+
+def bare_samples(emulator: EmulatorProcess) -> dict[str, Sample]:
+    url = emulator.url + "/v2/WebChats"
+    # The facade's own httpx client (aiohttp transport, no cookies), without the facade.
+    config = Settings(username=ACCOUNT_SID, password=Secret(AUTH_TOKEN), base_url=emulator.url)
+    auth = httpx.BasicAuth(ACCOUNT_SID, AUTH_TOKEN)
+    return {
+        BARE_HTTPX: run_async(bare_httpx(httpx.AsyncClient(auth=auth), url)),
+        "facade's httpx client alone, 1 at a time": run_async(
+            bare_httpx(new_http_client(config), url)
+        ),
+        "bare aiohttp POST, 1 at a time": run_async(bare_aiohttp(emulator)),
+    }
+
+
+def facade_sample(facade: FacadeProcess, concurrency: int) -> Sample:
+    before, started = cpu_seconds(facade.proc.pid), time.perf_counter()
+    latencies = asyncio.run(facade_calls(facade.target, CALLS, concurrency))
+    wall = time.perf_counter() - started
+    return Sample(latencies, wall, (cpu_seconds(facade.proc.pid) - before) * 1000 / (CALLS + 1))
+
+
+def twilio_sample(client: Client) -> Sample:
+    twilio_create(client)  # warm-up
+    latencies = []
+    cpu_before, started = time.process_time(), time.perf_counter()
+    for _ in range(CALLS):
+        t0 = time.perf_counter()
+        twilio_create(client)
+        latencies.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - started
+    return Sample(latencies, wall, (time.process_time() - cpu_before) * 1000 / CALLS)
+
+
+def cost_and_latency(workdir: Path) -> list[Row]:
+    """ROUNDS rounds, each measuring every row once, so that a busy moment hits all rows alike."""
     emulator = start_emulator(rate_limit=0)
     facade = start_facade(
         facade_env(emulator.url, FLEX_RATE_LIMIT_RPS="0", LOG_LEVEL="WARNING"), workdir / "f.log"
     )
-    lines = []
+    samples: dict[str, list[Sample]] = {}
     try:
-        for concurrency in (1, 50):
-            before, started = cpu_seconds(facade.proc.pid), time.perf_counter()
-            latencies = asyncio.run(facade_calls(facade.target, CALLS, concurrency))
-            wall = time.perf_counter() - started
-            cpu_ms = (cpu_seconds(facade.proc.pid) - before) * 1000 / (CALLS + 1)
-            lines.append(row(f"facade gRPC, {concurrency} at a time", latencies, wall, cpu_ms))
         client = twilio_client(emulator)
-        twilio_create(client)  # warm-up
-        latencies = []
-        cpu_before, started = time.process_time(), time.perf_counter()
-        for _ in range(CALLS):
-            t0 = time.perf_counter()
-            twilio_create(client)
-            latencies.append(time.perf_counter() - t0)
-        wall = time.perf_counter() - started
-        cpu_ms = (time.process_time() - cpu_before) * 1000 / CALLS
-        lines.append(row("twilio-python direct (sync), 1 at a time", latencies, wall, cpu_ms))
+        for _ in range(ROUNDS):
+            for concurrency in (1, 50):
+                name = f"facade gRPC, {concurrency} at a time"
+                samples.setdefault(name, []).append(facade_sample(facade, concurrency))
+            for name, sample in bare_samples(emulator).items():
+                samples.setdefault(name, []).append(sample)
+            samples.setdefault(TWILIO, []).append(twilio_sample(client))
     finally:
         facade.stop()
         stop_process(emulator.proc)
-    return lines
+    return [row(name, rounds) for name, rounds in samples.items()]
 
 
-def account_limit(workdir: Path) -> list[str]:
+def account_limit(workdir: Path) -> list[Row]:
     emulator = start_emulator(rate_limit=5)
     lines = []
     try:
@@ -182,29 +303,83 @@ def facade_burst(facades: list[FacadeProcess]) -> tuple[list[str], float]:
     return outcomes, time.perf_counter() - started
 
 
-def burst_row(name: str, outcomes: list[str], wall: float, emulator: EmulatorProcess) -> str:
-    ok = outcomes.count("ok")
-    seen_429 = sum(1 for r in emulator.requests() if r["status"] == 429)
-    busiest = emulator.busiest_second()
-    return f"{name:<44} {ok:>5}/{len(outcomes)} {seen_429:>10} {wall:9.2f} {busiest:>9}"
+def burst_row(name: str, outcomes: list[str], wall: float, emulator: EmulatorProcess) -> Row:
+    return {
+        "name": name,
+        "created": outcomes.count("ok"),
+        "callers": len(outcomes),
+        "429s_sent": sum(1 for r in emulator.requests() if r["status"] == 429),
+        "wall_s": round(wall, 3),
+        "max_per_1s": emulator.busiest_second(),
+    }
+
+
+def format_burst_row(r: Row) -> str:
+    return (
+        f"{r['name']:<44} {r['created']:>5}/{r['callers']} {r['429s_sent']:>10} "
+        f"{r['wall_s']:9.2f} {r['max_per_1s']:>9}"
+    )
+
+
+def targets(rows: list[Row]) -> Row:
+    """Issue 12's ratios, from rows of the same run."""
+    by_name = {r["name"]: r for r in rows}
+    facade, twilio, bare = by_name[FACADE_1], by_name[TWILIO], by_name[BARE_HTTPX]
+    return {
+        "facade_cpu_over_twilio_python_cpu": round(
+            facade["cpu_ms_per_call"] / twilio["cpu_ms_per_call"], 2
+        ),
+        "facade_p50_minus_bare_httpx_p50_ms": round(facade["p50_ms"] - bare["p50_ms"], 3),
+    }
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    args = parser.parse_args()
+    results: dict[str, Any] = {
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "load_average_before": os.getloadavg(),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         print(
-            f"1. One CreateWebChat, {CALLS} calls after warm-up (emulator on loopback, limits off)"
+            f"1. One CreateWebChat, {ROUNDS} rounds of {CALLS} calls after warm-up "
+            "(emulator on loopback, limits off)"
         )
         print(f"{'':<44} {'calls/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms':>8}")
-        for line in cost_and_latency(workdir):
-            print(line, flush=True)
-        print("   CPU ms: per call, of the facade process (facade rows) or of the calling process")
+        results["one_create"] = cost_and_latency(workdir)
+        for r in results["one_create"]:
+            print(format_row(r), flush=True)
+        print("   CPU ms: per call, of the facade process (facade rows) or of the calling process;")
+        print("   the median round (all rounds in the JSON); p50/p99 over all rounds' calls")
+        print("   bare/alone rows: the same form POST from this process, on uvloop as the facade")
         print()
         print("2. 30 simultaneous chats against Twilio's limit of 5 requests/second")
         print(f"{'':<44} {'created':>9} {'429s sent':>10} {'wall s':>9} {'max/1s':>9}")
-        for line in account_limit(workdir):
-            print(line, flush=True)
+        results["account_limit"] = account_limit(workdir)
+        for r in results["account_limit"]:
+            print(format_burst_row(r), flush=True)
         print("   max/1s: requests the emulator saw in the busiest second, refused included")
+    results["targets"] = targets(results["one_create"])
+    results["load_average_after"] = os.getloadavg()
+    print()
+    print("3. Issue 12 targets, from 1 (this run)")
+    ratios = results["targets"]
+    print(
+        f"{'facade CPU / twilio-python CPU, per create':<52} "
+        f"{ratios['facade_cpu_over_twilio_python_cpu']:8.2f}   (target <= 1.0)"
+    )
+    print(
+        f"{'facade p50 - bare httpx POST p50, 1 at a time':<52} "
+        f"{ratios['facade_p50_minus_bare_httpx_p50_ms']:8.2f} ms (target <= 1.0 ms)"
+    )
+    load = " ".join(f"{v:.2f}" for v in results["load_average_before"])
+    print(f"   load average before the run: {load} ({results['cpus']} CPUs)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"   results as JSON: {args.json}")
 
 
 if __name__ == "__main__":

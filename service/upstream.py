@@ -52,6 +52,7 @@ from service.errors import (
     UpstreamUnreachable,
 )
 from service.ratelimit import Limiter, require_time_for
+from service.transport import AiohttpTransport, CookielessClient
 
 log = logging.getLogger("flexwebchat.upstream")
 
@@ -76,11 +77,11 @@ USER_AGENT = (
 
 def new_http_client(settings: Settings) -> httpx.AsyncClient:
     """The one long-lived HTTP client, for every Twilio host; create it inside the running loop."""
-    return httpx.AsyncClient(
+    return CookielessClient(
         auth=httpx.BasicAuth(settings.username, settings.password.reveal()),
         headers={"User-Agent": USER_AGENT},
         timeout=httpx.Timeout(settings.attempt_timeout, connect=min(settings.attempt_timeout, 5)),
-        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        transport=AiohttpTransport(limits=httpx.Limits(max_connections=100)),
         follow_redirects=False,
         trust_env=False,
     )
