@@ -39,7 +39,6 @@ from service.idempotency import RecordBackend
 from service.params import WebChatParams
 from service.upstream import is_ambiguous
 
-
 SETTLE_TIMEOUTS = 2  # attempt timeouts after a send by which Twilio has settled it
 
 
