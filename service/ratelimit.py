@@ -89,7 +89,7 @@ class _Waiter:
     __slots__ = ("signal",)
 
     def __init__(self) -> None:
-        # Resolved when this waiter reaches the head; failed with Draining when the limiter closes.
+        # Resolved when this waiter reaches the head, or when the limiter closes.
         self.signal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
@@ -124,7 +124,9 @@ class RateLimiter:
         try:
             if ahead and not await self._park(waiter, deadline.remaining() - need):
                 raise RateLimitExceeded(retry_after=len(self._queue) * self._interval)
-            while True:  # at the head
+            while True:  # at the head (or woken because the limiter closed)
+                if self._closed:
+                    raise Draining()
                 if deadline.remaining() < need:
                     raise RateLimitExceeded(retry_after=len(self._queue) * self._interval)
                 wait = await self._schedule.take()
@@ -140,7 +142,7 @@ class RateLimiter:
 
     @staticmethod
     async def _park(waiter: _Waiter, seconds: float) -> bool:
-        """Waits up to ``seconds`` for the waiter's signal: True if it came; raises Draining."""
+        """Waits up to ``seconds`` for the waiter's signal: True if it came."""
         try:
             await asyncio.wait_for(waiter.signal, max(seconds, 0.0))
         except TimeoutError:
@@ -161,7 +163,7 @@ class RateLimiter:
         self._closed = True
         for waiter in self._queue:
             if not waiter.signal.done():
-                waiter.signal.set_exception(Draining())
+                waiter.signal.set_result(None)  # wake: every waiter then sees the limiter closed
 
 
 class Unlimited:
