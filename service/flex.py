@@ -36,7 +36,7 @@ class FlexClient:
         self._twilio = twilio
         self._settings = settings
         self._limiter = limiter
-        self._url = settings.base_url + WEBCHATS_PATH
+        self._url = httpx.URL(settings.base_url + WEBCHATS_PATH)  # parsed once, not per call
 
     async def create_web_chat(
         self, params: WebChatParams, deadline: Deadline, *, retry_ambiguous: bool

@@ -93,7 +93,7 @@ class UpstreamRequest:
     names it for the latency estimate and metrics."""
 
     endpoint: str
-    url: str
+    url: str | httpx.URL
     form: dict[str, str] | None = None
     headers: dict[str, str] = field(default_factory=dict)
     method: str = "POST"
