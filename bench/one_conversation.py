@@ -1,10 +1,10 @@
-"""``make bench`` sections 3 and 4 (issue 8): what Twilio created against what callers were told.
+"""``make bench`` sections 4 and 5 (issue 8): what Twilio created against what callers were told.
 
-3. Burst with short deadlines, no request_id: after the facade's latency estimate is warm (25
+4. Burst with short deadlines, no request_id: after the facade's latency estimate is warm (25
    observed creates; it needs 20), BURST_ROUNDS (3) rounds of 30 callers at once, 1.5 s deadlines,
    the upstream answering in 0.3 s, 5/s in the facade and in the emulator. Counts creates Twilio
    received, conversations delivered (OK replies), orphans (created, never delivered).
-4. Fault mix with request_ids: 40 ids at once, each retried by its caller with the same id on a
+5. Fault mix with request_ids: 40 ids at once, each retried by its caller with the same id on a
    retryable error (at most 6 calls, 4 s deadlines, waiting what RetryInfo asks), while the
    emulator answers its coming requests from a mixed queue: ambiguous faults (created, then
    500 / 502 / 504 / connection dropped; or answered after the 0.5 s attempt timeout) and plain
@@ -12,8 +12,8 @@
 
 Creates are counted from the emulator's request log, each request with the conversation it created
 and the form it carried (which names the id): that works for any facade, including one that lets
-Twilio pick every identity. ``checkout`` runs another checkout's facade against this emulator,
-which is how the README's "before" numbers were measured.
+Twilio pick every identity. ``checkout`` runs another checkout's facade against this emulator
+(``python -m bench --before CHECKOUT``): the README's "before" rows.
 """
 
 from __future__ import annotations
