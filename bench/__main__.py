@@ -8,9 +8,16 @@
 2. 30 simultaneous chats against Twilio's 5 requests/second limit (the emulator enforces it):
    30 threads calling twilio-python directly, beside 30 callers going through the facade.
 3. The issue-12 ratios computed from 1 (same run, so comparable).
+4. Issue 8, a burst of short-deadline callers without request_id: creates Twilio received against
+   conversations delivered (``bench/one_conversation.py``).
+5. Issue 8, a mix of ambiguous and plain faults, callers retrying with their request_id: creates
+   per id.
 
 Prints tables; ``--json PATH`` also writes every number as JSON (``make bench`` writes
-bench/results.json). Loops are bounded; every process started here is stopped at the end.
+bench/results.json). ``--only`` runs some sections. ``--before CHECKOUT`` adds, in sections 4 and
+5, a row for the facade of another checkout (with its own ``.venv``, e.g. a ``git worktree`` of an
+older commit), run against this checkout's emulator. Loops are bounded; every process started here
+is stopped at the end.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import datetime
 import json
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -36,6 +44,7 @@ from flexwebchat.v1 import webchat_pb2, webchat_pb2_grpc
 from twilio.base.exceptions import TwilioRestException
 from twilio.rest import Client
 
+from bench import one_conversation
 from emulator.app import ACCOUNT_SID, AUTH_TOKEN
 from emulator.harness import (
     ADDRESS_SID,
@@ -333,40 +342,62 @@ def targets(rows: list[Row]) -> Row:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
-    args = parser.parse_args()
-    results: dict[str, Any] = {
-        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "cpus": os.cpu_count(),
-        "load_average_before": os.getloadavg(),
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        print(
-            f"1. One CreateWebChat, {ROUNDS} rounds of {CALLS} calls after warm-up "
-            "(emulator on loopback, limits off)"
-        )
-        print(f"{'':<44} {'calls/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms':>8}")
-        results["one_create"] = cost_and_latency(workdir)
-        for r in results["one_create"]:
-            print(format_row(r), flush=True)
-        print("   CPU ms: per call, of the facade process (facade rows) or of the calling process;")
-        print("   the median round (all rounds in the JSON); p50/p99 over all rounds' calls")
-        print("   bare/alone rows: the same form POST from this process, on uvloop as the facade")
-        print()
-        print("2. 30 simultaneous chats against Twilio's limit of 5 requests/second")
-        print(f"{'':<44} {'created':>9} {'429s sent':>10} {'wall s':>9} {'max/1s':>9}")
-        results["account_limit"] = account_limit(workdir)
-        for r in results["account_limit"]:
-            print(format_burst_row(r), flush=True)
-        print("   max/1s: requests the emulator saw in the busiest second, refused included")
-    results["targets"] = targets(results["one_create"])
-    results["load_average_after"] = os.getloadavg()
+def format_short_deadlines(r: Row) -> str:
+    refused = ", ".join(f"{code} {n}" for code, n in r["refused"].items()) or "-"
+    return (
+        f"{r['name']:<44} {r['callers']:>7} {r['creates_received']:>8} {r['delivered']:>10} "
+        f"{r['orphans']:>8}   {refused}"
+    )
+
+
+def format_fault_mix(r: Row) -> str:
+    return (
+        f"{r['name']:<44} {r['creates']:>7} {r['max_creates_per_id']:>8} "
+        f"{r['ids_with_more_than_one']:>8} {r['ids_delivered']:>5}/{r['ids']} {r['calls']:>6} "
+        f"{r['wall_s']:>7.1f}"
+    )
+
+
+def facade_name(checkout: Path | None) -> str:
+    if checkout is None:
+        return "facade"
+    commit = subprocess.run(
+        ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    return f"facade at {commit}"
+
+
+SECTIONS = ("one_create", "account_limit", "short_deadlines", "fault_mix")  # --only
+
+
+def print_one_create(rows: list[Row]) -> None:
+    print(
+        f"1. One CreateWebChat, {ROUNDS} rounds of {CALLS} calls after warm-up "
+        "(emulator on loopback, limits off)"
+    )
+    print(f"{'':<44} {'calls/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms':>8}")
+    for r in rows:
+        print(format_row(r))
+    print("   CPU ms: per call, of the facade process (facade rows) or of the calling process;")
+    print("   the median round (all rounds in the JSON); p50/p99 over all rounds' calls")
+    print("   bare/alone rows: the same form POST from this process, on uvloop as the facade")
     print()
+
+
+def print_account_limit(rows: list[Row]) -> None:
+    print("2. 30 simultaneous chats against Twilio's limit of 5 requests/second")
+    print(f"{'':<44} {'created':>9} {'429s sent':>10} {'wall s':>9} {'max/1s':>9}")
+    for r in rows:
+        print(format_burst_row(r))
+    print("   max/1s: requests the emulator saw in the busiest second, refused included")
+    print()
+
+
+def print_targets(ratios: Row) -> None:
     print("3. Issue 12 targets, from 1 (this run)")
-    ratios = results["targets"]
     print(
         f"{'facade CPU / twilio-python CPU, per create':<52} "
         f"{ratios['facade_cpu_over_twilio_python_cpu']:8.2f}   (target <= 1.0)"
@@ -375,6 +406,89 @@ def main() -> None:
         f"{'facade p50 - bare httpx POST p50, 1 at a time':<52} "
         f"{ratios['facade_p50_minus_bare_httpx_p50_ms']:8.2f} ms (target <= 1.0 ms)"
     )
+    print()
+
+
+def print_short_deadlines_header() -> None:
+    oc = one_conversation
+    print(
+        f"4. Burst with short deadlines, no request_id: {oc.BURST_ROUNDS} rounds of "
+        f"{oc.BURST_CALLERS} callers at once, {oc.BURST_DEADLINE} s deadlines,"
+    )
+    print(
+        f"   upstream answering in {oc.UPSTREAM_LATENCY} s, 5/s in the facade and Twilio, "
+        f"latency estimate warmed by {oc.WARM_CREATES} creates"
+    )
+    print(f"{'':<44} {'callers':>7} {'created':>8} {'delivered':>10} {'orphans':>8}   refused")
+
+
+def print_fault_mix_header() -> None:
+    oc = one_conversation
+    print(
+        f"5. Fault mix with request_ids: {oc.IDS} ids at once, each retried with its id "
+        f"(<= {oc.CALLS_PER_ID} calls, {oc.ID_DEADLINE} s"
+    )
+    print(
+        f"   deadlines), {oc.FAULT_SHARE:.0%} of Twilio's answers faulty, half of them "
+        f"ambiguous; {oc.ATTEMPT_TIMEOUT} s attempt timeout"
+    )
+    print(
+        f"{'':<44} {'creates':>7} {'max/id':>8} {'ids >1':>8} {'delivered':>9} "
+        f"{'calls':>6} {'wall s':>7}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    parser.add_argument(
+        "--only", nargs="+", choices=SECTIONS, default=SECTIONS, help="run only these sections"
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="CHECKOUT",
+        help="in sections 4 and 5, also measure the facade of this checkout (an older commit, "
+        "with its own .venv), as a row below this one's",
+    )
+    args = parser.parse_args()
+    results: dict[str, Any] = {
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "load_average_before": os.getloadavg(),
+    }
+    facades: list[Path | None] = [None] if args.before is None else [None, args.before]
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        if "one_create" in args.only:
+            results["one_create"] = cost_and_latency(workdir)
+            print_one_create(results["one_create"])
+            results["targets"] = targets(results["one_create"])
+        if "account_limit" in args.only:
+            results["account_limit"] = account_limit(workdir)
+            print_account_limit(results["account_limit"])
+        if "targets" in results:
+            print_targets(results["targets"])
+        if "short_deadlines" in args.only:
+            print_short_deadlines_header()
+            results["short_deadlines"] = []
+            for checkout in facades:
+                r = one_conversation.short_deadline_burst(workdir, facade_name(checkout), checkout)
+                results["short_deadlines"].append(r)
+                print(format_short_deadlines(r), flush=True)
+            print("   created: creates Twilio received; orphans: created but never delivered")
+            print()
+        if "fault_mix" in args.only:
+            print_fault_mix_header()
+            results["fault_mix"] = []
+            for checkout in facades:
+                r = one_conversation.fault_mix(workdir, facade_name(checkout), checkout)
+                results["fault_mix"].append(r)
+                print(format_fault_mix(r), flush=True)
+            print("   max/id: most conversations Twilio created for one id; ids >1: ids with more")
+            print("   than one; calls: every call the callers made, retries included")
+            print()
+    results["load_average_after"] = os.getloadavg()
     load = " ".join(f"{v:.2f}" for v in results["load_average_before"])
     print(f"   load average before the run: {load} ({results['cpus']} CPUs)")
     if args.json:

@@ -6,7 +6,8 @@ It checks HTTP Basic credentials, parses the form, enforces the 16 KB pre-engage
 identity, remembers the conversations it created (a message to any other is 404), and answers
 errors in Twilio's shape. Faults and latency apply to every endpoint. Tests steer it over HTTP:
 
-* ``GET  /__emulator/requests``  every request received: time, headers, form, answered status
+* ``GET  /__emulator/requests``  every request received: time, headers, form, answered status,
+  and the ``conversation_sid`` it created (null if none; set even when a fault hid the answer)
 * ``GET  /__emulator/conversations``  every conversation created: SID -> guest identity
 * ``POST /__emulator/faults``    ``{"faults": [...], "latency": s}``: each fault answers one coming
   request, in order: ``{"status": 503, "code": 20503, "message": "...", "retry_after": "1",
@@ -116,10 +117,12 @@ class Emulator:
             "headers": dict(request.headers),
             "form": {k: v for k, v in form.items() if isinstance(v, str)},
             "status": None,
+            "conversation_sid": None,
         }
         self.requests.append(entry)
         response = await self._answer(request, entry["form"], answer, rate_limited)
         entry["status"] = response.status if response is not None else "dropped"
+        entry["conversation_sid"] = request.get("conversation_sid")
         if response is None:
             assert request.transport is not None
             request.transport.close()
@@ -174,6 +177,7 @@ class Emulator:
             "identity": form.get("Identity") or str(uuid.uuid4()),
         }
         self.conversations[body["conversation_sid"]] = body["identity"]
+        request["conversation_sid"] = body["conversation_sid"]  # for the request log
         return web.json_response(body, status=201)
 
     def _user_conversations(self, request: web.Request, form: dict[str, str]) -> web.Response:

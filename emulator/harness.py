@@ -175,14 +175,19 @@ def guest_env(emulator_url: str) -> dict[str, str]:
     }
 
 
-def start_facade(env: dict[str, str], log_path: Path) -> FacadeProcess:
+def start_facade(
+    env: dict[str, str], log_path: Path, checkout: Path | None = None
+) -> FacadeProcess:
+    """The facade of this checkout, or of ``checkout`` (another one, with its own ``.venv``:
+    how the benchmark measures an older commit)."""
+    python = sys.executable if checkout is None else str(checkout / ".venv" / "bin" / "python")
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service"],
+            [python, "-m", "service"],
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=checkout or ROOT,
         )
     facade = FacadeProcess(proc, int(env["GRPC_PORT"]), int(env.get("METRICS_PORT", "0")), log_path)
     # Under TLS the plaintext HEALTH_PORT is what a kubelet (and this wait) probes.

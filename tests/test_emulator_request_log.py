@@ -1,0 +1,33 @@
+"""The emulator's request log names the conversation each request created, even when a fault hid
+the answer: ``make bench`` counts creates per request_id from it, for any facade."""
+
+from __future__ import annotations
+
+import httpx
+from conftest import ADDRESS_SID, EmulatorProcess
+
+from emulator.app import ACCOUNT_SID, AUTH_TOKEN
+
+
+def post_web_chat(upstream: EmulatorProcess) -> int | None:
+    """The HTTP status, or None when the emulator dropped the connection."""
+    try:
+        response = httpx.post(
+            upstream.url + "/v2/WebChats",
+            data={"AddressSid": ADDRESS_SID},
+            auth=(ACCOUNT_SID, AUTH_TOKEN),
+        )
+    except httpx.TransportError:
+        return None
+    return response.status_code
+
+
+def test_each_request_names_the_conversation_it_created(upstream: EmulatorProcess) -> None:
+    upstream.fault({"status": 502, "after": True}, {"drop": True, "after": True}, {"status": 502})
+    statuses = [post_web_chat(upstream) for _ in range(4)]
+    assert statuses == [502, None, 502, 201]
+    log = upstream.requests()
+    created = [entry["conversation_sid"] for entry in log]
+    # Created then failed, created then dropped, refused before creating, created.
+    assert [sid is not None for sid in created] == [True, True, False, True]
+    assert sorted(sid for sid in created if sid) == sorted(upstream.conversations())
