@@ -54,7 +54,7 @@ class Settings:
     region: str = ""
     ui_version: str = ""
     attempt_timeout: float = 10.0
-    latency_estimate: float = 1.0  # expected attempt duration until enough are observed
+    latency_estimate: float = 0.5  # expected attempt duration until enough are observed
     max_attempts: int = 4
     retry_ambiguous: bool = False
     default_deadline: float = 30.0
@@ -109,7 +109,7 @@ class Settings:
             guest_token_ttl=_token_ttl(reader),
             ui_version=reader.text("FLEX_UI_VERSION"),
             attempt_timeout=reader.number("FLEX_ATTEMPT_TIMEOUT_SECONDS", 10.0, minimum=0.1),
-            latency_estimate=reader.number("FLEX_LATENCY_ESTIMATE_SECONDS", 1.0, minimum=0.0),
+            latency_estimate=reader.number("FLEX_LATENCY_ESTIMATE_SECONDS", 0.5, minimum=0.0),
             max_attempts=int(reader.number("FLEX_MAX_ATTEMPTS", 4, minimum=1)),
             retry_ambiguous=reader.flag("FLEX_RETRY_AMBIGUOUS"),
             default_deadline=reader.number("FLEX_DEFAULT_DEADLINE_SECONDS", 30.0, minimum=0.1),
@@ -230,8 +230,13 @@ class _EnvReader:
 def _redis_url(value: str) -> Secret | None:
     if not value:
         return None
-    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-        # Never echo the value: it may hold a password.
+    # Never echo the value: it may hold a password.
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number 0-65535
+    except ValueError:
+        raise ConfigError("REDIS_URL is not a valid URL (check its port)") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("REDIS_URL must be a redis://, rediss:// or unix:// URL")
     return Secret(value)
 

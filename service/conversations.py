@@ -50,6 +50,10 @@ class ConversationsClient:
                 return sid
         return None
 
+    def message_need(self) -> float:
+        """The time a message post is expected to take (reserved by a create followed by one)."""
+        return self._twilio.estimate("messages").need()
+
     async def post_message(
         self, conversation_sid: str, author: str, body: str, deadline: Deadline
     ) -> str:

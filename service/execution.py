@@ -3,9 +3,9 @@
 Each call's upstream work runs in a task of its own; the RPC waits for it until the caller's
 deadline. When the caller leaves (deadline, cancellation, connection ageing, drain) before any
 request went out, the work is cancelled: nothing was sent, and a queued call gives its rate-limit
-turn back. Once a request may have left, it is never abandoned mid-flight: the attempt runs to its
-own timeout in the background, no further attempt starts, and what it produced is kept (stored
-for a request_id, or reported as an orphan without one). The drain waits for these.
+turn back. Once a request may have left, the work is never abandoned: the attempt runs to its own
+timeout in the background, no further create starts, and what it produced is kept (stored for a
+request_id, or reported as an orphan without one). The drain waits for these.
 """
 
 from __future__ import annotations
@@ -62,11 +62,11 @@ class Executions:
     """Runs upstream work for RPCs and keeps what outlives its caller, for the drain."""
 
     def __init__(self) -> None:
-        self._background: set[asyncio.Task[Any]] = set()
+        self._running: dict[asyncio.Task[Any], Execution] = {}
 
     @property
     def in_background(self) -> int:
-        return len(self._background)
+        return sum(1 for execution in self._running.values() if execution.abandoned)
 
     async def run(
         self,
@@ -74,9 +74,11 @@ class Executions:
         deadline: Deadline,
         *,
         after_caller_left: Callable[[T], None] | None = None,
+        when_done: Callable[[], None] | None = None,
     ) -> T:
-        """``work()``'s result, or DeadlineExceeded at the deadline. If the caller leaves while
-        a request is out, ``after_caller_left`` gets the result when the work finishes."""
+        """``work()``'s result, or DeadlineExceeded at the deadline. If the caller leaves after
+        a request went out, the work finishes in the background and ``after_caller_left`` gets
+        its result; ``when_done`` is called when the work ends, whoever waited for it."""
         execution = Execution()
 
         async def tracked() -> T:
@@ -84,50 +86,48 @@ class Executions:
             return await work()
 
         task = asyncio.create_task(tracked())
+        self._running[task] = execution
+
+        def finished(done: asyncio.Task[T]) -> None:
+            del self._running[done]
+            if when_done is not None:
+                when_done()
+            if done.cancelled() or done.exception() is not None:
+                return
+            if execution.abandoned and after_caller_left is not None:
+                after_caller_left(done.result())
+
+        task.add_done_callback(finished)
         try:
             return await asyncio.wait_for(asyncio.shield(task), deadline.remaining())
         except TimeoutError:
-            self._abandon(task, execution, after_caller_left)
+            self._abandon(task, execution)
             raise DeadlineExceeded(
                 "the deadline passed before Twilio answered"
                 + (
-                    "; the request in flight will finish and be recorded"
-                    if execution.sending
+                    "; the request sent will finish and be recorded"
+                    if execution.last_sent_at
                     else ""
                 )
             ) from None
         except asyncio.CancelledError:
-            self._abandon(task, execution, after_caller_left)
+            self._abandon(task, execution)
             raise
 
-    def _abandon(
-        self,
-        task: asyncio.Task[T],
-        execution: Execution,
-        after_caller_left: Callable[[T], None] | None,
-    ) -> None:
+    @staticmethod
+    def _abandon(task: asyncio.Task[Any], execution: Execution) -> None:
         execution.abandoned = True
-        if not execution.sending:
-            task.cancel()  # nothing is out: stop waiting for a slot, a backoff or a lookup
-        self._background.add(task)
-
-        def finished(done: asyncio.Task[T]) -> None:
-            self._background.discard(done)
-            if done.cancelled():
-                return
-            if done.exception() is None and after_caller_left is not None:
-                after_caller_left(done.result())
-
-        task.add_done_callback(finished)
+        if not execution.last_sent_at:
+            task.cancel()  # nothing went out: stop waiting for a slot, a backoff or a lookup
 
     async def drain(self, within: float) -> None:
-        """Waits for work that outlived its callers, at most ``within`` seconds."""
-        if not self._background:
+        """Cancels work that has sent nothing; waits for the rest, at most ``within`` seconds."""
+        for task, execution in list(self._running.items()):
+            self._abandon(task, execution)
+        if not self._running:
             return
-        log.info(
-            "waiting for requests in flight", extra={"fields": {"count": len(self._background)}}
-        )
-        _, pending = await asyncio.wait(set(self._background), timeout=within)
+        log.info("waiting for requests sent", extra={"fields": {"count": len(self._running)}})
+        _, pending = await asyncio.wait(set(self._running), timeout=within)
         if pending:
             log.error(
                 "stopped with requests still in flight at Twilio",

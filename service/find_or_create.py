@@ -66,7 +66,7 @@ class FindOrCreate:
         return str(uuid.UUID(bytes=digest[:16], version=4))
 
     async def create(
-        self, key: str, params: WebChatParams, deadline: Deadline
+        self, key: str, params: WebChatParams, deadline: Deadline, *, reserve: float = 0.0
     ) -> tuple[WebChat, bool]:
         """The chat for ``key``, and whether this execution created it (False: found)."""
         params = replace(params, identity=self.identity(key))
@@ -84,7 +84,9 @@ class FindOrCreate:
         for _ in range(self._settings.max_attempts):
             work.before_send = note_sending
             try:
-                chat = await self._flex.create_web_chat(params, deadline, retry_ambiguous=False)
+                chat = await self._flex.create_web_chat(
+                    params, deadline, retry_ambiguous=False, reserve=reserve
+                )
                 return chat, True
             except FacadeError as exc:
                 if not is_ambiguous(exc) or work.abandoned:

@@ -39,18 +39,25 @@ class FlexClient:
         self._url = httpx.URL(settings.base_url + WEBCHATS_PATH)  # parsed once, not per call
 
     async def create_web_chat(
-        self, params: WebChatParams, deadline: Deadline, *, retry_ambiguous: bool
+        self,
+        params: WebChatParams,
+        deadline: Deadline,
+        *,
+        retry_ambiguous: bool,
+        reserve: float = 0.0,
     ) -> WebChat:
-        """POST /v2/WebChats under the retry policy; raises a FacadeError on failure."""
+        """POST /v2/WebChats under the retry policy; raises a FacadeError on failure. An attempt
+        starts only if ``reserve`` seconds (for what follows the create) will be left too."""
         headers = {}
         ui_version = params.ui_version or self._settings.ui_version
         if ui_version:
             headers["Ui-Version"] = ui_version
         response = await self._twilio.send(
-            UpstreamRequest("webchats", self._url, params.form(), headers),
+            UpstreamRequest("webchats", self._url, params.form(), headers, creates=True),
             deadline,
             retry_ambiguous=retry_ambiguous or self._settings.retry_ambiguous,
             limiter=self._limiter,
+            reserve=reserve,
         )
         return _web_chat(response)
 

@@ -67,8 +67,9 @@ class RecordBackend(Protocol):
 
     async def refresh(self, key: str, owner: str, lock_seconds: float) -> None: ...
 
-    async def complete(self, key: str, record: Record, ttl_seconds: float) -> None:
-        """Replaces the owner's pending record with the final one."""
+    async def complete(self, key: str, record: Record, ttl_seconds: float) -> bool:
+        """Replaces the owner's pending record with the final one; False when another call
+        took the id over meanwhile (its lock had lapsed), and nothing was stored."""
         ...
 
     async def release(self, key: str, owner: str) -> None: ...
@@ -148,8 +149,8 @@ class IdempotencyStore:
         heartbeat = asyncio.create_task(self._heartbeat(key, mine.owner))
         try:
             final = replace(mine, done=True, ok=True, payload=await work())
-        except Outcome as stored:
-            final = replace(mine, done=True, ok=False, payload=stored.payload)
+        except Outcome as outcome:
+            final = replace(mine, done=True, ok=False, payload=outcome.payload)
         except BaseException:
             # Transient failure or cancellation: free the id for a retry.
             heartbeat.cancel()
@@ -157,7 +158,7 @@ class IdempotencyStore:
                 await asyncio.shield(self.backend.release(key, mine.owner))
             raise
         try:
-            await self.backend.complete(key, final, self.ttl)
+            stored = await self.backend.complete(key, final, self.ttl)
         except FacadeError as exc:
             # The caller gets its answer now; the record follows as soon as it can be stored,
             # and until then the heartbeat keeps other calls with this id waiting for it.
@@ -168,8 +169,10 @@ class IdempotencyStore:
             task = asyncio.create_task(self._store_until_stored(key, final, heartbeat))
             self._storing.add(task)
             task.add_done_callback(self._storing.discard)
-        else:
-            heartbeat.cancel()
+            return final
+        heartbeat.cancel()
+        if not stored:
+            _taken_over()
         return final
 
     async def _store_until_stored(
@@ -180,20 +183,41 @@ class IdempotencyStore:
             while True:
                 await asyncio.sleep(delay)
                 try:
-                    await self.backend.complete(key, final, self.ttl)
+                    stored = await self.backend.complete(key, final, self.ttl)
                 except FacadeError:
                     delay = min(delay * 2, 5.0)
                     continue
-                log.info("stored the outcome of a request_id after a delay")
+                if stored:
+                    log.info("stored the outcome of a request_id after a delay")
+                else:
+                    _taken_over()
                 return
         finally:
             heartbeat.cancel()
+
+    async def drain(self, within: float) -> None:
+        """Waits for outcomes still being stored, at most ``within`` seconds."""
+        if self._storing:
+            _, pending = await asyncio.wait(set(self._storing), timeout=within)
+            if pending:
+                log.error(
+                    "stopped with request_id outcomes unstored; retries may run them again",
+                    extra={"fields": {"count": len(pending)}},
+                )
 
     async def _heartbeat(self, key: str, owner: str) -> None:
         while True:
             await asyncio.sleep(self.lock / 3)
             with contextlib.suppress(FacadeError):
                 await self.backend.refresh(key, owner, self.lock)
+
+
+def _taken_over() -> None:
+    obs.IDEMPOTENCY.labels(outcome="lost").inc()
+    log.error(
+        "the outcome of a request_id could not be stored: its lock lapsed (shared state stalled "
+        "longer than IDEMPOTENCY_LOCK_SECONDS) and another call took the id over"
+    )
 
 
 def is_stored_failure(exc: FacadeError) -> bool:
@@ -244,14 +268,16 @@ class LocalRecords:
         if existing is not None and existing.owner == owner and not existing.done:
             self._records[key] = (existing, self._clock() + lock_seconds)
 
-    async def complete(self, key: str, record: Record, ttl_seconds: float) -> None:
+    async def complete(self, key: str, record: Record, ttl_seconds: float) -> bool:
         existing = self._live(key)
-        if existing is None or existing.owner == record.owner:
-            self._records[key] = (record, self._clock() + ttl_seconds)
-            self._sent.pop(key, None)
+        if existing is not None and existing.owner != record.owner:
+            return False
+        self._records[key] = (record, self._clock() + ttl_seconds)
+        self._sent.pop(key, None)
+        return True
 
     async def mark_sent(self, key: str, sent_by: float, ttl_seconds: float) -> None:
-        if len(self._sent) >= self._max // 10:  # failed ids only: bounded far below the records
+        if len(self._sent) >= self._max:  # ids whose outcome is unstored: as many as records
             del self._sent[next(iter(self._sent))]
         self._sent.pop(key, None)
         self._sent[key] = sent_by

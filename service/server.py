@@ -153,6 +153,7 @@ class Facade:
         await self.server.stop(grace=self.settings.shutdown_grace)
         # Requests already at Twilio finish and are recorded, whatever their callers did.
         await self.servicer.executions.drain(within=self.settings.attempt_timeout + 1)
+        await self.servicer.idempotency.drain(within=self.settings.idempotency_lock)
         if self.health_server is not None:
             await self.health_server.stop(grace=None)
         await self.http.aclose()

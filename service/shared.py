@@ -159,12 +159,16 @@ class RedisRecords:
     async def refresh(self, key: str, owner: str, lock_seconds: float) -> None:
         await self._run(self._refresh, key, owner, _ms(lock_seconds))
 
-    async def complete(self, key: str, record: Record, ttl_seconds: float) -> None:
-        await self._run(self._complete, key, record.owner, _encode(record), _ms(ttl_seconds))
+    async def complete(self, key: str, record: Record, ttl_seconds: float) -> bool:
         try:
-            await self._client.delete(self._sent_key(key))
+            stored = await self._complete(
+                keys=[self._key(key)], args=[record.owner, _encode(record), _ms(ttl_seconds)]
+            )
+            if stored:
+                await self._client.delete(self._sent_key(key))
         except RedisError as exc:
             raise _unavailable(exc) from None
+        return bool(stored)
 
     @staticmethod
     def _sent_key(key: str) -> str:

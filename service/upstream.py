@@ -47,6 +47,7 @@ from service import observability as obs
 from service.config import Settings
 from service.deadline import Deadline
 from service.errors import (
+    DeadlineExceeded,
     RateLimitExceeded,
     UpstreamError,
     UpstreamUnreachable,
@@ -90,13 +91,15 @@ def new_http_client(settings: Settings) -> httpx.AsyncClient:
 @dataclass(frozen=True)
 class UpstreamRequest:
     """One request; ``form`` (POST) is sent as application/x-www-form-urlencoded. ``endpoint``
-    names it for the latency estimate and metrics."""
+    names it for the latency estimate and metrics; ``creates`` marks a request that creates a
+    conversation, which never starts once its caller has left."""
 
     endpoint: str
     url: str | httpx.URL
     form: dict[str, str] | None = None
     headers: dict[str, str] = field(default_factory=dict)
     method: str = "POST"
+    creates: bool = False
 
 
 class LatencyEstimate:
@@ -160,8 +163,10 @@ class TwilioHttp:
         *,
         retry_ambiguous: bool,
         limiter: Limiter | None = None,
+        reserve: float = 0.0,
     ) -> httpx.Response:
-        """The first 2xx answer to ``request``, retried as the policy allows."""
+        """The first 2xx answer to ``request``, retried as the policy allows. An attempt starts
+        only with its expected duration, plus ``reserve`` (for what must follow), still left."""
         estimate = self.estimate(request.endpoint)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._settings.max_attempts)
@@ -175,7 +180,7 @@ class TwilioHttp:
         )
         async for attempt in retrying:
             with attempt:
-                return await self._attempt(request, deadline, limiter, estimate)
+                return await self._attempt(request, deadline, limiter, estimate, reserve)
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
     async def _attempt(
@@ -184,17 +189,21 @@ class TwilioHttp:
         deadline: Deadline,
         limiter: Limiter | None,
         estimate: LatencyEstimate,
+        reserve: float,
     ) -> httpx.Response:
+        work = execution.current()
+        if request.creates and work.abandoned:
+            raise DeadlineExceeded("the caller left; no further create is sent")
+        need = estimate.need() + reserve
         if limiter is not None:
             try:
-                waited = await limiter.acquire(deadline, estimate.need())
+                waited = await limiter.acquire(deadline, need)
             except RateLimitExceeded:
                 obs.RATE_LIMIT_REFUSED.inc()
                 raise
             obs.RATE_LIMIT_WAIT.observe(waited)
         else:
-            require_time_for(estimate.need(), deadline)
-        work = execution.current()
+            require_time_for(need, deadline)
         if work.before_send is not None:
             await work.before_send()
         record = obs.current_rpc()

@@ -11,6 +11,7 @@ from flexwebchat.v1 import webchat_pb2, webchat_pb2_grpc
 from google.protobuf import timestamp_pb2
 from google.rpc import status_pb2
 
+from service import execution
 from service import observability as obs
 from service.config import Settings
 from service.conversations import ConversationsClient
@@ -58,7 +59,7 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
     ):
         self._flex = flex
         self._conversations = conversations
-        self._idempotency = idempotency
+        self.idempotency = idempotency
         self._tokens = tokens
         self._settings = settings
         self._quota = CallerQuota(settings.max_pending_per_caller)
@@ -73,18 +74,21 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
             self._require_tokens()  # before anything is created
         deadline = self._deadline(context)
         rpc = obs.current_rpc()
-        with self._quota.hold(rpc.caller):
-            if request.request_id:
-                rpc.request_id = request.request_id
-                response = await self.executions.run(
-                    lambda: self._create_once(request, params, deadline), deadline
-                )
-            else:
-                response = await self.executions.run(
-                    lambda: self._create_unkeyed(params, deadline),
-                    deadline,
-                    after_caller_left=_orphaned,
-                )
+        give_back = self._quota.take(rpc.caller)  # until the work ends, even after the caller
+        if request.request_id:
+            rpc.request_id = request.request_id
+            response = await self.executions.run(
+                lambda: self._create_once(request, params, deadline),
+                deadline,
+                when_done=give_back,
+            )
+        else:
+            response = await self.executions.run(
+                lambda: self._create_unkeyed(params, deadline),
+                deadline,
+                after_caller_left=_orphaned,
+                when_done=give_back,
+            )
         if request.issue_token:
             # Never stored: a replay gets a fresh token for the stored identity.
             _set_token(response, self._mint(response.identity, via="create"))
@@ -115,20 +119,26 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
         async def work() -> bytes:
             try:
                 if self._find_or_create.applies(params):
-                    chat, fresh = await self._find_or_create.create(key, params, deadline)
+                    chat, fresh = await self._find_or_create.create(
+                        key, params, deadline, reserve=self._reserve(params)
+                    )
                     # A chat found from an earlier execution may have its first message already.
-                    response = await self._respond(chat, params, deadline, post_message=fresh)
+                    response = await self._respond(
+                        chat, params, deadline, post_message=fresh, recorded=True
+                    )
                 else:
                     # The caller gets one answer per id whatever we retry, so an ambiguous
                     # failure may be retried; see README "Idempotency".
-                    response = await self._create(params, deadline, retry_ambiguous=True)
+                    response = await self._create(
+                        params, deadline, retry_ambiguous=True, recorded=True
+                    )
             except FacadeError as exc:
                 if is_stored_failure(exc):
                     raise Outcome(to_status(exc).SerializeToString()) from exc
                 raise
             return response.SerializeToString()
 
-        record = await self._idempotency.run(key, fingerprint(request), work, deadline)
+        record = await self.idempotency.run(key, fingerprint(request), work, deadline)
         if not record.ok:
             raise ReplayedError(status_pb2.Status.FromString(record.payload))
         response = webchat_pb2.CreateWebChatResponse.FromString(record.payload)
@@ -141,24 +151,41 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
         """Without a request_id nobody can tell a retry from a new chat: ambiguous failures are
         not retried (unless FLEX_RETRY_AMBIGUOUS), and not reported as retryable."""
         try:
-            return await self._create(params, deadline, retry_ambiguous=False)
+            return await self._create(params, deadline, retry_ambiguous=False, recorded=False)
         except FacadeError as exc:
             if is_ambiguous(exc):
                 raise MaybeProcessed(exc) from exc
             raise
 
     async def _create(
-        self, params: WebChatParams, deadline: Deadline, *, retry_ambiguous: bool
+        self, params: WebChatParams, deadline: Deadline, *, retry_ambiguous: bool, recorded: bool
     ) -> webchat_pb2.CreateWebChatResponse:
-        chat = await self._flex.create_web_chat(params, deadline, retry_ambiguous=retry_ambiguous)
-        return await self._respond(chat, params, deadline, post_message=True)
+        chat = await self._flex.create_web_chat(
+            params, deadline, retry_ambiguous=retry_ambiguous, reserve=self._reserve(params)
+        )
+        return await self._respond(chat, params, deadline, post_message=True, recorded=recorded)
+
+    def _reserve(self, params: WebChatParams) -> float:
+        """A create followed by a first message starts only if both fit the deadline."""
+        return self._conversations.message_need() if params.initial_message else 0.0
 
     async def _respond(
-        self, chat: WebChat, params: WebChatParams, deadline: Deadline, *, post_message: bool
+        self,
+        chat: WebChat,
+        params: WebChatParams,
+        deadline: Deadline,
+        *,
+        post_message: bool,
+        recorded: bool,
     ) -> webchat_pb2.CreateWebChatResponse:
         response = webchat_pb2.CreateWebChatResponse(
             conversation_sid=chat.conversation_sid, identity=chat.identity
         )
+        if execution.current().abandoned:
+            if not recorded:
+                return response  # an orphan: no Flex task for a guest who will never come
+            # Recorded as if the caller had waited: the message gets an attempt's time.
+            deadline = Deadline.after(max(deadline.remaining(), self._settings.attempt_timeout))
         if params.initial_message and post_message:
             response.initial_message_sid = await self._post_first_message(
                 chat.conversation_sid, chat.identity, params.initial_message, deadline

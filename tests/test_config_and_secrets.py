@@ -97,6 +97,7 @@ def test_secrets_from_files(tmp_path: Path) -> None:
         ({**CREDS, "GRPC_PORT": "70000"}, "GRPC_PORT must be a port"),
         ({**CREDS, "LOG_FORMAT": "xml"}, "LOG_FORMAT must be one of json, console"),
         ({**CREDS, "REDIS_URL": "http://:pw@h:6379"}, "REDIS_URL must be a redis://"),
+        ({**CREDS, "REDIS_URL": "redis://:pw@h:port/0"}, "REDIS_URL is not a valid URL"),
     ],
 )
 def test_bad_settings_are_refused_with_the_reason(env: dict[str, str], reason: str) -> None:

@@ -105,6 +105,8 @@ def forged(secret: str = API_SECRET, **claims: Any) -> str:
         (forged(sub="AC" + "9" * 32), "TOKEN_INVALID"),
         (forged(exp=int(time.time()) - 1), "TOKEN_EXPIRED"),
         ("eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.", "TOKEN_INVALID"),
+        ("x" * 9000, "TOKEN_INVALID"),
+        ("tökén.with.accents", "TOKEN_INVALID"),
     ],
 )
 def test_refresh_refuses_forged_foreign_and_expired_tokens(

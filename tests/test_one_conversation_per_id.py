@@ -217,3 +217,64 @@ def test_a_warm_burst_of_short_deadlines_orphans_nothing(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             grpc.StatusCode.UNAVAILABLE,
         ), rich_status(error)
+
+
+def test_the_drain_waits_for_a_request_whose_caller_is_still_waiting(
+    make_facade: Any, upstream: EmulatorProcess
+) -> None:
+    facade = make_facade(upstream.url, SHUTDOWN_GRACE_SECONDS="0.3")
+    upstream.fault(latency=1.5)
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(facade.create, timeout=10)
+        time.sleep(0.3)  # the create is at Twilio
+        facade.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError):
+            call.result()  # the grace is shorter than Twilio's answer
+    assert facade.proc.wait(10) == 0
+    assert [r["status"] for r in upstream.requests()] == [201]  # answered, not cut off
+    orphan = [line for line in facade.log_lines() if "had left" in line["msg"]]
+    assert orphan and orphan[0]["conversation_sid"] in upstream.conversations()
+
+
+def test_a_caller_that_gave_up_still_gets_its_first_message_posted(
+    make_facade: Any, upstream: EmulatorProcess
+) -> None:
+    facade = make_facade(upstream.url, **guest_env(upstream.url))
+    upstream.fault(latency=0.6)  # the create; the message that follows answers at once
+    request_id = str(uuid.uuid4())
+    with pytest.raises(grpc.RpcError):
+        facade.create(request_id=request_id, initial_message="hello", timeout=0.4)
+    again = facade.create(request_id=request_id, initial_message="hello", timeout=5)
+    assert again.initial_message_sid.startswith("IM")  # recorded as if the caller had waited
+    assert [r["path"] for r in upstream.requests()].count(
+        f"/v1/Conversations/{again.conversation_sid}/Messages"
+    ) == 1
+
+
+def test_a_deadline_that_fits_the_create_but_not_its_first_message_sends_nothing(
+    keyed: FacadeProcess, upstream: EmulatorProcess
+) -> None:
+    # Estimates start at 0.1 s (the test default): 0.16 s needed per request, 0.32 s for both.
+    with pytest.raises(grpc.RpcError) as refused:
+        keyed.create(initial_message="hello", timeout=0.25)
+    assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert upstream.requests() == []
+    assert keyed.create(timeout=0.25).conversation_sid  # without a message it fits
+
+
+def test_work_that_outlived_its_callers_counts_against_their_quota(
+    make_facade: Any, upstream: EmulatorProcess
+) -> None:
+    facade = make_facade(upstream.url, FLEX_MAX_PENDING_PER_CALLER="2")
+    upstream.fault(latency=1.5)
+    for _ in range(2):
+        with pytest.raises(grpc.RpcError):
+            facade.create(timeout=0.3)  # the caller leaves; its create stays in flight
+    with pytest.raises(grpc.RpcError) as refused:
+        facade.create(timeout=5)
+    status = rich_status(refused.value)
+    assert status["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status["ErrorInfo"].reason == "CALLER_QUOTA" and "RetryInfo" in status
+    time.sleep(1.5)  # the two creates land: the quota is free again
+    upstream.fault(latency=0.0)
+    assert facade.create(timeout=5).conversation_sid
