@@ -24,7 +24,7 @@ from service.config import ConfigError, Settings
 from service.conversations import ConversationsClient
 from service.flex import FlexClient
 from service.idempotency import IdempotencyStore, LocalRecords, RecordBackend
-from service.interceptors import RpcObserver
+from service.interceptors import Limits, RpcObserver
 from service.ratelimit import Limiter, LocalSchedule, RateLimiter, Unlimited
 from service.tokens import GuestTokens
 from service.upstream import TwilioHttp, new_http_client
@@ -72,9 +72,15 @@ class Facade:
             settings,
         )
 
+        limits = Limits(
+            max_concurrent_rpcs=settings.max_concurrent_rpcs,
+            message_timeout=settings.request_message_timeout,
+            max_message_bytes=settings.max_message_bytes,
+        )
+        # No maximum_concurrent_rpcs: the interceptor enforces the limit after authentication,
+        # and logs and counts its refusals.
         server = grpc.aio.server(
-            interceptors=[RpcObserver(tokens)],
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            interceptors=[RpcObserver(tokens, limits, settings.tls_client_names)],
             options=_channel_options(settings),
         )
         webchat_pb2_grpc.add_WebChatServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
@@ -94,11 +100,18 @@ class Facade:
         if settings.health_port:
             # The kubelet's gRPC probe speaks plaintext only: with TLS on, health is served
             # (and nothing else) on this port too.
-            health_server = grpc.aio.server(options=[_NO_PORT_SHARING])
+            health_server = grpc.aio.server(
+                interceptors=[RpcObserver(limits=limits)], options=_channel_options(settings)
+            )
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
             _listen(health_server, "HEALTH_PORT", settings.grpc_host, settings.health_port, None)
             await health_server.start()
         await server.start()
+        if tokens is not None and credentials is None:
+            log.warning(
+                "bearer tokens are accepted over plaintext: anyone on the network path can read "
+                "and replay them; set TLS_CERT_FILE and TLS_KEY_FILE"
+            )
         # "" is liveness (the process is up); the service's own name is readiness, which waits
         # for shared state to have answered once (see RedisRecords.first_answer).
         await health_servicer.set("", SERVING)
@@ -113,6 +126,7 @@ class Facade:
             "serving",
             extra={
                 "fields": {
+                    "grpc_host": settings.grpc_host,
                     "grpc_port": port,
                     "tls": "mutual" if settings.tls_client_ca_file else bool(credentials),
                     "caller_tokens": tokens is not None,
@@ -230,6 +244,11 @@ def _listen(
 # each process with its own in-process records and rate budget. A busy port must be a refusal.
 _NO_PORT_SHARING = ("grpc.so_reuseport", 0)
 
+# Streams one connection may hold open at once; more wait in the client (HTTP/2 flow control).
+MAX_STREAMS_PER_CONNECTION = 100
+# A TCP connection must finish its TLS handshake and send HTTP/2 settings within this time.
+HANDSHAKE_TIMEOUT_MS = 5_000
+
 
 def _channel_options(settings: Settings) -> list[tuple[str, int]]:
     options = [
@@ -238,6 +257,12 @@ def _channel_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # Each connection costs memory before any authentication: bound them, and close
+        # those that never finish a handshake or sit idle.
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+        ("grpc.max_connection_idle_ms", int(settings.max_connection_idle * 1000)),
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
     ]
     if settings.max_connection_age > 0:
         # Long-lived HTTP/2 connections pin a client to one pod; ageing them out lets
