@@ -140,8 +140,8 @@ def test_oversized_and_missing_messages_are_logged_and_counted(make_facade, upst
     lines = facade.rpc_lines(count=2)
     assert [line["code"] for line in lines] == ["RESOURCE_EXHAUSTED"] * 2
     assert upstream.requests() == []
-    sample = 'flexwebchat_rpcs_total{caller="anonymous",code="RESOURCE_EXHAUSTED",method="CreateWebChat"}'
-    assert metric(facade.metrics_port, sample) == 2
+    labels = 'caller="anonymous",code="RESOURCE_EXHAUSTED",method="CreateWebChat"'
+    assert metric(facade.metrics_port, f"flexwebchat_rpcs_total{{{labels}}}") == 2
 
 
 def test_malformed_protobuf_is_invalid_argument_logged_and_counted(facade, upstream) -> None:
@@ -279,6 +279,9 @@ def _closed_by_peer(sock: socket.socket) -> bool:
         return True
 
 
+SERVICES = ("flexwebchat.v2.WebChatService", "flexwebchat.admin.v1.Admin", "other.X")
+
+
 async def _admin_server(tmp_path: Path) -> tuple[grpc.aio.Server, int]:
     """A real server with the facade's interceptor and methods of every handler kind under
     services it has never heard of: what a future API version or an admin service would add."""
@@ -304,7 +307,7 @@ async def _admin_server(tmp_path: Path) -> tuple[grpc.aio.Server, int]:
             yield b"secret:" + request
 
     server = grpc.aio.server(interceptors=[RpcObserver(CallerTokens(str(tokens)))])
-    for service in ("flexwebchat.v2.WebChatService", "flexwebchat.admin.v1.Admin", "other.X"):
+    for service in SERVICES:
         server.add_generic_rpc_handlers(
             [
                 grpc.method_handlers_generic_handler(
