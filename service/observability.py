@@ -80,6 +80,11 @@ INITIAL_MESSAGES = Counter(
     "Guests' first messages, by outcome (posted, failed)",
     ["outcome"],
 )
+CONFIG_RELOAD_FAILURES = Counter(
+    "flexwebchat_config_reload_failures",
+    "Changed caller-auth files that could not be applied (in whole or in part), by variable",
+    ["file"],
+)
 SHARED_STATE_ERRORS = Counter(
     "flexwebchat_shared_state_errors", "Failed operations on the shared state (Redis)"
 )
