@@ -5,6 +5,7 @@ the one HTTP client and the (local or shared) rate limit and idempotency records
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -16,7 +17,6 @@ import httpx
 from flexwebchat.v1 import webchat_pb2, webchat_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from service import tracing
 from service.auth import CallerTokens, server_credentials
@@ -25,6 +25,7 @@ from service.conversations import ConversationsClient
 from service.flex import FlexClient
 from service.idempotency import IdempotencyStore, LocalRecords, RecordBackend
 from service.interceptors import Limits, RpcObserver
+from service.metrics_server import MetricsServer, start_metrics_server
 from service.ratelimit import Limiter, LocalSchedule, RateLimiter, Unlimited
 from service.tokens import GuestTokens
 from service.upstream import TwilioHttp, new_http_client
@@ -48,7 +49,7 @@ class Facade:
     servicer: WebChatServicer
     port: int
     health_server: grpc.aio.Server | None = None
-    metrics: Any = None
+    metrics: MetricsServer | None = None
     flush_traces: Callable[[], None] | None = None
     readiness: asyncio.Task[None] | None = None
 
@@ -92,7 +93,7 @@ class Facade:
         metrics = None
         if settings.metrics_port:
             try:
-                metrics, _ = start_http_server(settings.metrics_port)
+                metrics = start_metrics_server(settings.metrics_port)
             except OSError as exc:
                 raise ConfigError(f"METRICS_PORT={settings.metrics_port}: {exc.strerror}") from None
         port = _listen(server, "GRPC_PORT", settings.grpc_host, settings.grpc_port, credentials)
@@ -155,38 +156,53 @@ class Facade:
             readiness,
         )
 
-    async def stop(self) -> None:
+    async def stop(self, *, at_once: bool = False) -> None:
         """Drain: NOT_SERVING at once, keep serving while endpoints update, let in-flight RPCs
-        finish within the grace period, then close the HTTP client and shared state."""
+        finish within the grace period, then close the HTTP client and shared state. With
+        ``at_once`` (a second signal), in-flight RPCs and requests at Twilio are cut instead."""
         if self.readiness is not None:
             self.readiness.cancel()
         await self.health.enter_graceful_shutdown()
-        log.info("draining", extra={"fields": {"delay_s": self.settings.shutdown_delay}})
-        await asyncio.sleep(self.settings.shutdown_delay)
+        if not at_once:
+            log.info("draining", extra={"fields": {"delay_s": self.settings.shutdown_delay}})
+            await asyncio.sleep(self.settings.shutdown_delay)
         self.limiter.close()  # callers still queued go elsewhere at once
-        await self.server.stop(grace=self.settings.shutdown_grace)
+        await self.server.stop(grace=None if at_once else self.settings.shutdown_grace)
         # Requests already at Twilio finish and are recorded, whatever their callers did.
-        await self.servicer.executions.drain(within=self.settings.attempt_timeout + 1)
+        await self.servicer.executions.drain(
+            within=0 if at_once else self.settings.attempt_timeout + 1
+        )
         if self.health_server is not None:
             await self.health_server.stop(grace=None)
         await self.http.aclose()
         await self.records.close()
         if self.metrics is not None:
-            self.metrics.shutdown()
+            self.metrics.stop()
         if self.flush_traces is not None:
             self.flush_traces()
         log.info("stopped")
 
 
 async def serve(settings: Settings) -> None:
-    """Runs until SIGTERM or SIGINT, then drains and returns."""
+    """Runs until SIGTERM or SIGINT, then drains and returns; a second signal during the drain
+    stops at once (an operator's Ctrl-C Ctrl-C, or a supervisor that means it)."""
     facade = await Facade.start(settings)
-    stopping = asyncio.Event()
+    signals: asyncio.Queue[int] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    await facade.stop()
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
+    await signals.get()
+    drain = asyncio.create_task(facade.stop())
+    second = asyncio.create_task(signals.get())
+    await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
+    if drain.done():
+        second.cancel()
+        return await drain
+    log.warning("second signal: stopping at once; in-flight RPCs are cut")
+    drain.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await drain
+    await facade.stop(at_once=True)
 
 
 async def _state(

@@ -371,3 +371,19 @@ async def test_every_method_of_every_kind_needs_a_token(tmp_path: Path) -> None:
             assert reply.status == health_pb2.HealthCheckResponse.SERVING  # allowlisted
     finally:
         await server.stop(None)
+
+
+def test_the_health_port_caps_streams_too(make_facade, upstream) -> None:
+    from conftest import free_port
+
+    health_port = free_port()
+    make_facade(upstream.url, HEALTH_PORT=str(health_port))
+    conn = RawConnection(health_port)
+    try:
+        watches = [conn.open(WATCH, body=grpc_frame(b""), end_stream=False) for _ in range(40)]
+        refused = [conn.status(stream).get("grpc-status") for stream in watches[16:]]
+        assert refused == [str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])] * 24
+        check = conn.open("/grpc.health.v1.Health/Check", body=grpc_frame(b""))
+        assert conn.status(check).get("grpc-status") == "0"  # probes still answered
+    finally:
+        conn.close()
