@@ -300,6 +300,19 @@ def test_the_alerts_read_metrics_the_facade_exports() -> None:
                 assert metric.removesuffix("_total") in exported | NOT_YET_EXPORTED, metric
 
 
+def test_network_policy_admits_only_labelled_callers() -> None:
+    """Every pod in the cluster could open connections (each costs memory before any
+    authentication): gRPC is open only to pods labelled as callers, metrics to monitoring."""
+    ingress = manifests()["NetworkPolicy/flexwebchat"]["spec"]["ingress"]
+    by_port = {port["port"]: rule["from"] for rule in ingress for port in rule["ports"]}
+    assert by_port[50051] == [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {"flexwebchat-client": "true"}}}
+    ]
+    assert by_port[9464] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+
+
 def test_the_images_entrypoint_runs_as_pid_1_and_drains_on_sigterm(
     upstream: EmulatorProcess, tmp_path: Path
 ) -> None:
