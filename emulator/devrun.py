@@ -23,6 +23,8 @@ CREDENTIAL_VARIABLES = (
 
 
 def main() -> int:
+    # A laptop run listens on loopback only, real credentials or not; GRPC_HOST=[::] opts out.
+    os.environ.setdefault("GRPC_HOST", "localhost")
     if any(os.environ.get(name) for name in CREDENTIAL_VARIABLES):
         os.execv(sys.executable, [sys.executable, "-m", "service"])  # noqa: S606
     emulator = subprocess.Popen(

@@ -127,7 +127,10 @@ class FacadeProcess:
         return self.log_path.read_text()
 
     def log_lines(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.logs().splitlines() if line.startswith("{")]
+        # Only whole lines: a read can overlap the facade writing one (a write that crosses a
+        # page boundary is visible half done), and that half is no JSON.
+        whole = self.logs().rpartition("\n")[0]
+        return [json.loads(line) for line in whole.splitlines() if line.startswith("{")]
 
     def rpc_lines(self, count: int = 1, timeout: float = 3) -> list[dict[str, Any]]:
         """The one log line per RPC; waits for at least ``count`` (a status can reach the caller

@@ -6,20 +6,24 @@
 * ``AUTH_TOKENS_FILE`` holds one ``name:token`` line per calling service. Calls must send
   ``authorization: Bearer <token>``; the token is compared in constant time with every known one,
   and the matching name becomes the caller in logs and metrics. The file is re-read when it changes.
+* ``TLS_CLIENT_NAMES`` (with mutual TLS): the client certificate common names allowed; any other
+  certificate from the CA is UNAUTHENTICATED.
 
 Health and reflection need no token, so the kubelet and grpcurl keep working.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
-import os
+import ssl
 import time
 from pathlib import Path
 
 import grpc
 
+from service import observability as obs
 from service.config import ConfigError, Settings
 from service.errors import Unauthenticated
 
@@ -29,38 +33,30 @@ RELOAD_CHECK_SECONDS = 1.0
 
 
 class CallerTokens:
-    """The allowed bearer tokens, by calling service name."""
+    """The allowed bearer tokens, by calling service name.
+
+    The file is re-read when its content changes (checked at most once a second; not by mtime,
+    which a replacement can keep). A reload applies every valid line and drops every name no
+    longer present, so a revocation takes effect even beside a bad line; an empty, unreadable or
+    deleted file denies every call. Each such problem is logged at error and counted. At start,
+    any problem refuses to start instead.
+    """
 
     def __init__(self, path: str) -> None:
         self._path = Path(path)
-        self._tokens: list[tuple[str, bytes]] = []
-        self._mtime = 0.0
         self._checked = 0.0
-        self._load()
-
-    def _load(self) -> None:
         try:
-            stat = self._path.stat()
-            text = self._path.read_text(encoding="utf-8")
+            raw = self._path.read_bytes()
         except OSError as exc:
             raise ConfigError(
                 f"AUTH_TOKENS_FILE={self._path} cannot be read: {exc.strerror}"
             ) from None
-        tokens = []
-        for number, raw in enumerate(text.splitlines(), start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            name, sep, token = line.partition(":")
-            if not sep or not name.strip() or len(token.strip()) < 16:
-                raise ConfigError(
-                    f"AUTH_TOKENS_FILE line {number}: expected 'name:token' "
-                    "with a token of at least 16 characters"
-                )
-            tokens.append((name.strip(), token.strip().encode()))
+        tokens, problems = _parse_tokens(raw)
+        if problems:
+            raise ConfigError(f"AUTH_TOKENS_FILE {problems[0]}")
         if not tokens:
             raise ConfigError(f"AUTH_TOKENS_FILE={self._path} holds no tokens")
-        self._tokens, self._mtime = tokens, stat.st_mtime
+        self._tokens, self._digest = tokens, hashlib.sha256(raw).digest()
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()
@@ -68,12 +64,29 @@ class CallerTokens:
             return
         self._checked = now
         try:
-            changed = self._path.stat().st_mtime != self._mtime
-            if changed:
-                self._load()
-                log.info("reloaded caller tokens", extra={"fields": {"callers": len(self._tokens)}})
-        except (OSError, ConfigError) as exc:
-            log.warning("keeping the previous caller tokens", extra={"fields": {"error": str(exc)}})
+            raw = self._path.read_bytes()
+        except OSError as exc:
+            if self._digest != b"":
+                self._tokens, self._digest = [], b""
+                _reload_failed(
+                    "AUTH_TOKENS_FILE",
+                    "caller tokens cannot be read: every call is refused until they can",
+                    exc.strerror or type(exc).__name__,
+                )
+            return
+        digest = hashlib.sha256(raw).digest()
+        if digest == self._digest:
+            return
+        self._digest = digest
+        self._tokens, problems = _parse_tokens(raw)
+        for problem in problems:
+            _reload_failed("AUTH_TOKENS_FILE", "ignoring a caller token line", problem)
+        if not self._tokens:
+            _reload_failed(
+                "AUTH_TOKENS_FILE", "no caller tokens left: every call is refused", "empty"
+            )
+            return
+        log.info("reloaded caller tokens", extra={"fields": {"callers": len(self._tokens)}})
 
     def caller(self, metadata: dict[str, str]) -> str:
         """The calling service's name, or Unauthenticated."""
@@ -91,45 +104,103 @@ class CallerTokens:
         return found
 
 
+def _parse_tokens(raw: bytes) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """The valid (name, token) lines, and a description of each invalid one (never its text)."""
+    tokens, problems = [], []
+    text = raw.decode("utf-8", errors="replace")
+    for number, line in enumerate((raw.strip() for raw in text.splitlines()), start=1):
+        if not line or line.startswith("#"):
+            continue
+        name, sep, token = line.partition(":")
+        if not sep or not name.strip() or len(token.strip()) < 16:
+            problems.append(
+                f"line {number}: expected 'name:token' with a token of at least 16 characters"
+            )
+            continue
+        tokens.append((name.strip(), token.strip().encode()))
+    return tokens, problems
+
+
+def _reload_failed(variable: str, message: str, error: str) -> None:
+    obs.CONFIG_RELOAD_FAILURES.labels(file=variable).inc()
+    log.error(message, extra={"fields": {"file": variable, "error": error}})
+
+
 class ReloadingCertificates:
-    """Server certificate (and client CA) files, re-read when any of them changes."""
+    """Server certificate (and client CA) files, re-read when their content changes.
+
+    New files are applied only once they are known to work (the key matches the certificate,
+    every PEM parses): gRPC would otherwise refuse them at the next handshake while this log
+    said the rotation worked. A refused rotation is logged at error and counted, and the
+    previous certificates stay in use.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self._paths = [settings.tls_key_file, settings.tls_cert_file]
         if settings.tls_client_ca_file:
             self._paths.append(settings.tls_client_ca_file)
-        self._stamp = self._mtimes()
-        self.initial = self._configuration()
+        contents = self._read()
+        problem = self._problem()
+        if problem:
+            raise ConfigError(f"TLS files are unusable: {problem}")
+        self._digest = _digest(contents)
+        self.initial = _configuration(contents)
 
-    def _mtimes(self) -> tuple[float, ...]:
-        return tuple(os.stat(path).st_mtime for path in self._paths)
-
-    def _configuration(self) -> grpc.ServerCertificateConfiguration:
+    def _read(self) -> list[bytes]:
         try:
-            key, cert, *ca = (Path(path).read_bytes() for path in self._paths)
+            return [Path(path).read_bytes() for path in self._paths]
         except OSError as exc:
             raise ConfigError(f"TLS file {exc.filename} cannot be read: {exc.strerror}") from None
-        return grpc.ssl_server_certificate_configuration(
-            [(key, cert)], root_certificates=ca[0] if ca else None
-        )
+
+    def _problem(self) -> str:
+        """Why the files on disk would not work, or ''."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self._paths[1], self._paths[0])
+            if len(self._paths) > 2:
+                context.load_verify_locations(cafile=self._paths[2])
+        except (ssl.SSLError, OSError) as exc:
+            return getattr(exc, "reason", None) or str(exc)
+        return ""
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """Called by gRPC at each new connection: a new configuration when the files changed."""
         try:
-            stamp = self._mtimes()
-            if stamp == self._stamp:
-                return None
-            configuration = self._configuration()
-        except (OSError, ConfigError) as exc:
+            contents = self._read()
+        except ConfigError as exc:
             log.warning("keeping the previous certificates", extra={"fields": {"error": str(exc)}})
             return None
-        self._stamp = stamp
+        digest = _digest(contents)
+        if digest == self._digest:
+            return None
+        problem = self._problem()
+        if not problem and _digest(self._read()) != digest:
+            return None  # changed while being checked: look again at the next connection
+        self._digest = digest
+        if problem:
+            _reload_failed(
+                "TLS_CERT_FILE", "new TLS files refused; keeping the previous ones", problem
+            )
+            return None
         log.info("reloaded TLS certificates")
-        return configuration
+        return _configuration(contents)
+
+
+def _digest(contents: list[bytes]) -> bytes:
+    return hashlib.sha256(b"\0".join(contents)).digest()
+
+
+def _configuration(contents: list[bytes]) -> grpc.ServerCertificateConfiguration:
+    key, cert, *ca = contents
+    return grpc.ssl_server_certificate_configuration(
+        [(key, cert)], root_certificates=ca[0] if ca else None
+    )
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """TLS credentials for the gRPC port, or None for plaintext."""
+    if settings.tls_client_names and not settings.tls_client_ca_file:
+        raise ConfigError("TLS_CLIENT_NAMES needs TLS_CLIENT_CA_FILE (mutual TLS)")
     if not (settings.tls_cert_file or settings.tls_key_file):
         if settings.tls_client_ca_file:
             raise ConfigError("TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE")

@@ -84,10 +84,14 @@ class Settings:
     max_concurrent_rpcs: int = 256
     max_message_bytes: int = 64 * 1024
     max_connection_age: float = 300.0
+    max_connections: int = 1000
+    max_connection_idle: float = 120.0
+    request_message_timeout: float = 10.0
     # Caller authentication (off unless configured)
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+    tls_client_names: frozenset[str] = frozenset()
     auth_tokens_file: str = ""
 
     @classmethod
@@ -107,7 +111,7 @@ class Settings:
             conversations_url=_base_url(reader, "conversations", "CONVERSATIONS_API_BASE_URL"),
             conversations_service_sid=_service_sid(reader.text("TWILIO_CONVERSATIONS_SERVICE_SID")),
             guest_token_ttl=_token_ttl(reader),
-            ui_version=reader.text("FLEX_UI_VERSION"),
+            ui_version=_ui_version(reader.text("FLEX_UI_VERSION")),
             attempt_timeout=reader.number("FLEX_ATTEMPT_TIMEOUT_SECONDS", 10.0, minimum=0.1),
             latency_estimate=reader.number("FLEX_LATENCY_ESTIMATE_SECONDS", 0.5, minimum=0.0),
             max_attempts=int(reader.number("FLEX_MAX_ATTEMPTS", 4, minimum=1)),
@@ -136,9 +140,19 @@ class Settings:
             max_concurrent_rpcs=int(reader.number("GRPC_MAX_CONCURRENT_RPCS", 256, minimum=1)),
             max_message_bytes=int(reader.number("GRPC_MAX_MESSAGE_BYTES", 65536, minimum=1024)),
             max_connection_age=reader.number("GRPC_MAX_CONNECTION_AGE_SECONDS", 300.0, minimum=0),
+            max_connections=int(reader.number("GRPC_MAX_CONNECTIONS", 1000, minimum=1)),
+            max_connection_idle=reader.number(
+                "GRPC_MAX_CONNECTION_IDLE_SECONDS", 120.0, minimum=1.0
+            ),
+            request_message_timeout=reader.number(
+                "GRPC_REQUEST_MESSAGE_TIMEOUT_SECONDS", 10.0, minimum=0.1
+            ),
             tls_cert_file=reader.text("TLS_CERT_FILE"),
             tls_key_file=reader.text("TLS_KEY_FILE"),
             tls_client_ca_file=reader.text("TLS_CLIENT_CA_FILE"),
+            tls_client_names=frozenset(
+                name.strip() for name in reader.text("TLS_CLIENT_NAMES").split(",") if name.strip()
+            ),
             auth_tokens_file=reader.text("AUTH_TOKENS_FILE"),
         )
         if settings.redis_url is not None and not settings.account_sid:
@@ -225,6 +239,17 @@ class _EnvReader:
             if raw.lower() == option.lower():
                 return option
         raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+
+
+# The Ui-Version header: visible ASCII, no spaces (service.validation checks callers' values).
+_UI_VERSION = re.compile(r"[\x21-\x7e]{1,64}")
+
+
+def _ui_version(value: str) -> str:
+    if value and not _UI_VERSION.fullmatch(value):
+        # A bad default would fail every call that relies on it, even as an "ambiguous" retry.
+        raise ConfigError("FLEX_UI_VERSION must be 1-64 visible ASCII characters, e.g. 2.0.0")
+    return value
 
 
 def _redis_url(value: str) -> Secret | None:

@@ -16,9 +16,13 @@ Exception tree::
     ├── Unauthenticated              caller auth is on and the call has no valid token
     ├── TokensNotConfigured          issue_token/RefreshGuestToken without token settings
     ├── TokenRejected                a presented guest token is forged, foreign or expired
+    ├── ServerLimit                  a limit the facade enforces on itself (RESOURCE_EXHAUSTED)
     └── ReplayedError                a stored outcome of an earlier call with the same request_id
 
 Servicer code raises these; :func:`to_status` is the only place that builds statuses.
+
+``str(exc)`` is what the RPC log line says: it never carries Twilio's message text, which can
+hold a caller's personal data; the status message (for the caller) does, capped.
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ class UpstreamError(FacadeError):
         self.twilio_code = twilio_code
         self.more_info = more_info
         self.retry_after = retry_after
-        super().__init__(f"Twilio answered {http_status}: {message}")
+        code = f" (Twilio code {twilio_code})" if twilio_code is not None else ""
+        super().__init__(f"Twilio answered {http_status}{code}")
 
 
 class UpstreamUnreachable(FacadeError):
@@ -164,12 +169,22 @@ class TokenRejected(FacadeError):
         super().__init__(self.MESSAGES[reason])
 
 
+class ServerLimit(FacadeError):
+    """A limit the facade enforces on itself: concurrent calls, message size."""
+
+    def __init__(self, reason: str, message: str, *, retry_after: float | None = None) -> None:
+        self.reason = reason
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
 class ReplayedError(FacadeError):
     """The stored failure of the first call with this request_id, returned again as it was."""
 
     def __init__(self, status: status_pb2.Status) -> None:
         self.status = status
-        super().__init__(status.message)
+        # Not the stored message: it may quote Twilio's text, which stays out of the logs.
+        super().__init__("the stored outcome of the first call with this request_id")
 
 
 # Twilio HTTP status -> gRPC code, for answers the retry policy did not (or could no longer) retry.
@@ -182,6 +197,12 @@ _HTTP_TO_CODE: dict[int, int] = {
     429: code_pb2.RESOURCE_EXHAUSTED,
 }
 _DEFAULT_RETRY_DELAY = 1.0
+# Upstream text is capped so that a status always fits gRPC's 8 KiB metadata limit (as
+# grpc-status-details-bin, base64) with room to spare; past it the caller would get
+# RESOURCE_EXHAUSTED "Stream removed" instead of the real outcome.
+MAX_MESSAGE_CHARS = 1024
+MAX_DETAIL_CHARS = 512
+MAX_STATUS_BYTES = 4096
 
 
 def upstream_code(http_status: int) -> int:
@@ -211,14 +232,16 @@ def to_status(exc: BaseException) -> status_pb2.Status:
             if exc.twilio_code is not None:
                 metadata["twilio_code"] = str(exc.twilio_code)
             if exc.more_info:
-                metadata["more_info"] = exc.more_info
+                metadata["more_info"] = _cap(exc.more_info, MAX_DETAIL_CHARS)
             reason = f"TWILIO_{exc.twilio_code}" if exc.twilio_code else f"HTTP_{exc.http_status}"
             details = [_error_info(reason, UPSTREAM_DOMAIN, metadata)]
             if code in (code_pb2.UNAVAILABLE, code_pb2.RESOURCE_EXHAUSTED):
                 details.append(_retry_info(exc.retry_after))
-            return _status(code, f"Twilio: {exc.message}", *details)
+            message = f"Twilio: {_cap(exc.message, MAX_MESSAGE_CHARS)}"
+            return _status(code, message, *details)
         case UpstreamUnreachable():
-            info = _error_info("UPSTREAM_UNREACHABLE", UPSTREAM_DOMAIN, {"reason": exc.reason})
+            metadata = {"reason": _cap(exc.reason, MAX_DETAIL_CHARS)}
+            info = _error_info("UPSTREAM_UNREACHABLE", UPSTREAM_DOMAIN, metadata)
             return _status(code_pb2.UNAVAILABLE, str(exc), info, _retry_info(exc.retry_after))
         case UpstreamBadResponse():
             metadata = {"http_status": str(exc.http_status)}
@@ -279,6 +302,11 @@ def to_status(exc: BaseException) -> status_pb2.Status:
             return _status(
                 code_pb2.INVALID_ARGUMENT, f"invalid request: access_token: {exc}", bad, info
             )
+        case ServerLimit():
+            limit: list[object] = [_error_info(exc.reason, FACADE_DOMAIN, {})]
+            if exc.retry_after is not None:
+                limit.append(_retry_info(exc.retry_after))
+            return _status(code_pb2.RESOURCE_EXHAUSTED, str(exc), *limit)
         case _:
             return _status(code_pb2.INTERNAL, "internal error")
 
@@ -289,7 +317,14 @@ def _status(code: int, message: str, *details: object) -> status_pb2.Status:
         packed = any_pb2.Any()
         packed.Pack(detail)  # type: ignore[arg-type]
         status.details.append(packed)
+    excess = status.ByteSize() - MAX_STATUS_BYTES
+    if excess > 0:  # the details are capped field by field; what is left to trim is the message
+        status.message = _cap(status.message, max(len(status.message) - excess - 16, 64))
     return status
+
+
+def _cap(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _error_info(reason: str, domain: str, metadata: dict[str, str]) -> error_details_pb2.ErrorInfo:

@@ -231,7 +231,7 @@ def is_stored_failure(exc: FacadeError) -> bool:
 class LocalRecords:
     """Records in this process's memory; expired ones are dropped as new ones arrive.
 
-    At most ``max_records`` are kept (about 470 bytes each): past that, the oldest completed
+    At most ``max_records`` are kept (up to about 1.6 KB each): past that, the oldest completed
     records are dropped before their TTL, and counted, rather than letting memory grow without
     bound (5 calls/s for 24 h would be 432,000 records).
     """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from contextvars import ContextVar
@@ -79,6 +80,11 @@ INITIAL_MESSAGES = Counter(
     "Guests' first messages, by outcome (posted, failed)",
     ["outcome"],
 )
+CONFIG_RELOAD_FAILURES = Counter(
+    "flexwebchat_config_reload_failures",
+    "Changed caller-auth files that could not be applied (in whole or in part), by variable",
+    ["file"],
+)
 SHARED_STATE_ERRORS = Counter(
     "flexwebchat_shared_state_errors", "Failed operations on the shared state (Redis)"
 )
@@ -133,15 +139,34 @@ class JsonFormatter(logging.Formatter):
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        # ASCII only: no raw line or paragraph separators, bidi controls or escapes in a line.
+        return json.dumps(entry, default=str, ensure_ascii=True)
 
 
 class ConsoleFormatter(logging.Formatter):
+    """``HH:MM:SS LEVEL msg key=value ...``; a value that could be mistaken for more pairs or
+    lines (spaces, '=', quotes, anything but printable ASCII) is written as a JSON string."""
+
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", {})
-        extra = " ".join(f"{k}={v}" for k, v in fields.items())
+        extra = " ".join(f"{k}={_console_value(v)}" for k, v in fields.items())
         time_of_day = self.formatTime(record, "%H:%M:%S")
-        return f"{time_of_day} {record.levelname:<7} {record.getMessage()} {extra}"
+        message = _console_value(record.getMessage(), spaces=True)
+        line = f"{time_of_day} {record.levelname:<7} {message} {extra}"
+        if record.exc_info:  # a traceback is the facade's own text; keep it, indented
+            trace = self.formatException(record.exc_info).encode("ascii", "backslashreplace")
+            line += "\n  " + trace.decode().replace("\n", "\n  ")
+        return line
+
+
+_PLAIN = re.compile(r"[!#-<>-~]*")  # printable ASCII without space, '"' and '='
+
+
+def _console_value(value: object, *, spaces: bool = False) -> str:
+    text = str(value)
+    if _PLAIN.fullmatch(text.replace(" ", "") if spaces else text):
+        return text
+    return json.dumps(text, ensure_ascii=True)
 
 
 def configure_logging(level: str, fmt: str) -> None:

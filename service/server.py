@@ -5,6 +5,7 @@ the one HTTP client and the (local or shared) rate limit and idempotency records
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -16,7 +17,6 @@ import httpx
 from flexwebchat.v1 import webchat_pb2, webchat_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from service import tracing
 from service.auth import CallerTokens, server_credentials
@@ -24,7 +24,8 @@ from service.config import ConfigError, Settings
 from service.conversations import ConversationsClient
 from service.flex import FlexClient
 from service.idempotency import IdempotencyStore, LocalRecords, RecordBackend
-from service.interceptors import RpcObserver
+from service.interceptors import Limits, RpcObserver
+from service.metrics_server import MetricsServer, start_metrics_server
 from service.ratelimit import Limiter, LocalSchedule, RateLimiter, Unlimited
 from service.tokens import GuestTokens
 from service.upstream import TwilioHttp, new_http_client
@@ -48,7 +49,7 @@ class Facade:
     servicer: WebChatServicer
     port: int
     health_server: grpc.aio.Server | None = None
-    metrics: Any = None
+    metrics: MetricsServer | None = None
     flush_traces: Callable[[], None] | None = None
     readiness: asyncio.Task[None] | None = None
 
@@ -72,9 +73,15 @@ class Facade:
             settings,
         )
 
+        limits = Limits(
+            max_concurrent_rpcs=settings.max_concurrent_rpcs,
+            message_timeout=settings.request_message_timeout,
+            max_message_bytes=settings.max_message_bytes,
+        )
+        # No maximum_concurrent_rpcs: the interceptor enforces the limit after authentication,
+        # and logs and counts its refusals.
         server = grpc.aio.server(
-            interceptors=[RpcObserver(tokens)],
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            interceptors=[RpcObserver(tokens, limits, settings.tls_client_names)],
             options=_channel_options(settings),
         )
         webchat_pb2_grpc.add_WebChatServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
@@ -86,7 +93,7 @@ class Facade:
         metrics = None
         if settings.metrics_port:
             try:
-                metrics, _ = start_http_server(settings.metrics_port)
+                metrics = start_metrics_server(settings.metrics_port)
             except OSError as exc:
                 raise ConfigError(f"METRICS_PORT={settings.metrics_port}: {exc.strerror}") from None
         port = _listen(server, "GRPC_PORT", settings.grpc_host, settings.grpc_port, credentials)
@@ -94,11 +101,18 @@ class Facade:
         if settings.health_port:
             # The kubelet's gRPC probe speaks plaintext only: with TLS on, health is served
             # (and nothing else) on this port too.
-            health_server = grpc.aio.server(options=[_NO_PORT_SHARING])
+            health_server = grpc.aio.server(
+                interceptors=[RpcObserver(limits=limits)], options=_channel_options(settings)
+            )
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
             _listen(health_server, "HEALTH_PORT", settings.grpc_host, settings.health_port, None)
             await health_server.start()
         await server.start()
+        if tokens is not None and credentials is None:
+            log.warning(
+                "bearer tokens are accepted over plaintext: anyone on the network path can read "
+                "and replay them; set TLS_CERT_FILE and TLS_KEY_FILE"
+            )
         # "" is liveness (the process is up); the service's own name is readiness, which waits
         # for shared state to have answered once (see RedisRecords.first_answer).
         await health_servicer.set("", SERVING)
@@ -113,6 +127,7 @@ class Facade:
             "serving",
             extra={
                 "fields": {
+                    "grpc_host": settings.grpc_host,
                     "grpc_port": port,
                     "tls": "mutual" if settings.tls_client_ca_file else bool(credentials),
                     "caller_tokens": tokens is not None,
@@ -141,39 +156,56 @@ class Facade:
             readiness,
         )
 
-    async def stop(self) -> None:
+    async def stop(self, *, at_once: bool = False) -> None:
         """Drain: NOT_SERVING at once, keep serving while endpoints update, let in-flight RPCs
-        finish within the grace period, then close the HTTP client and shared state."""
+        finish within the grace period, then close the HTTP client and shared state. With
+        ``at_once`` (a second signal), in-flight RPCs and requests at Twilio are cut instead."""
         if self.readiness is not None:
             self.readiness.cancel()
         await self.health.enter_graceful_shutdown()
-        log.info("draining", extra={"fields": {"delay_s": self.settings.shutdown_delay}})
-        await asyncio.sleep(self.settings.shutdown_delay)
+        if not at_once:
+            log.info("draining", extra={"fields": {"delay_s": self.settings.shutdown_delay}})
+            await asyncio.sleep(self.settings.shutdown_delay)
         self.limiter.close()  # callers still queued go elsewhere at once
-        await self.server.stop(grace=self.settings.shutdown_grace)
+        await self.server.stop(grace=None if at_once else self.settings.shutdown_grace)
         # Requests already at Twilio finish and are recorded, whatever their callers did.
-        await self.servicer.executions.drain(within=self.settings.attempt_timeout + 1)
-        await self.servicer.idempotency.drain(within=self.settings.idempotency_lock)
+        await self.servicer.executions.drain(
+            within=0 if at_once else self.settings.attempt_timeout + 1
+        )
+        await self.servicer.idempotency.drain(
+            within=0 if at_once else self.settings.idempotency_lock
+        )
         if self.health_server is not None:
             await self.health_server.stop(grace=None)
         await self.http.aclose()
         await self.records.close()
         if self.metrics is not None:
-            self.metrics.shutdown()
+            self.metrics.stop()
         if self.flush_traces is not None:
             self.flush_traces()
         log.info("stopped")
 
 
 async def serve(settings: Settings) -> None:
-    """Runs until SIGTERM or SIGINT, then drains and returns."""
+    """Runs until SIGTERM or SIGINT, then drains and returns; a second signal during the drain
+    stops at once (an operator's Ctrl-C Ctrl-C, or a supervisor that means it)."""
     facade = await Facade.start(settings)
-    stopping = asyncio.Event()
+    signals: asyncio.Queue[int] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    await facade.stop()
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
+    await signals.get()
+    drain = asyncio.create_task(facade.stop())
+    second = asyncio.create_task(signals.get())
+    await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
+    if drain.done():
+        second.cancel()
+        return await drain
+    log.warning("second signal: stopping at once; in-flight RPCs are cut")
+    drain.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await drain
+    await facade.stop(at_once=True)
 
 
 async def _state(
@@ -231,6 +263,11 @@ def _listen(
 # each process with its own in-process records and rate budget. A busy port must be a refusal.
 _NO_PORT_SHARING = ("grpc.so_reuseport", 0)
 
+# Streams one connection may hold open at once; more wait in the client (HTTP/2 flow control).
+MAX_STREAMS_PER_CONNECTION = 100
+# A TCP connection must finish its TLS handshake and send HTTP/2 settings within this time.
+HANDSHAKE_TIMEOUT_MS = 5_000
+
 
 def _channel_options(settings: Settings) -> list[tuple[str, int]]:
     options = [
@@ -239,6 +276,12 @@ def _channel_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # Each connection costs memory before any authentication: bound them, and close
+        # those that never finish a handshake or sit idle.
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+        ("grpc.max_connection_idle_ms", int(settings.max_connection_idle * 1000)),
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
     ]
     if settings.max_connection_age > 0:
         # Long-lived HTTP/2 connections pin a client to one pod; ageing them out lets

@@ -6,22 +6,33 @@ the facade fails closed: the call gets UNAVAILABLE with RetryInfo (never a hang,
 the ``flexwebchat_shared_state_errors`` counter grows and a warning is logged. Degrading to local
 limits would silently multiply the account's rate by the replica count and drop the at-most-once
 guarantee, which is what callers rely on.
+
+Nothing read from Redis is trusted unchecked: records carry an HMAC whose key is derived from the
+facade's Twilio secret (so only a facade of this account can write one a caller will receive) and
+is bound to the record's key; a record that does not decode or verify, or a rate schedule beyond
+any legitimate one, is a shared-state failure like an unreachable Redis (UNAVAILABLE, counted),
+and the key is given an expiry so the id recovers. Every key the facade writes has a TTL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
 import json
 import logging
+import re
 import time
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from service import observability as obs
-from service.config import Settings
+from service.config import ConfigError, Settings
 from service.errors import SharedStateUnavailable
 from service.idempotency import Record
 from service.ratelimit import Gcra, RateLimiter, Unlimited
@@ -30,14 +41,24 @@ log = logging.getLogger("flexwebchat.shared")
 
 SOCKET_TIMEOUT = 0.5  # a Redis that does not answer in this time counts as down
 PREFIX = "flexwebchat"
+MIN_REDIS_VERSION = (7, 0)  # SET with both NX and GET, which claims an id in one command
+# The longest 429 pause the facade applies (service.upstream caps Retry-After at 60 s).
+MAX_PAUSE_SECONDS = 60.0
+MAX_PAYLOAD_BYTES = 64 * 1024
+_HEX = re.compile(r"[0-9a-f]+")
 
 # The arithmetic of service.ratelimit.Gcra, in microseconds of Redis server time.
-# KEYS: schedule. ARGV: interval, tolerance. Takes a slot if one is due (returns 0), else returns
-# the microseconds until one is, taking nothing.
+# KEYS: schedule. ARGV: interval, tolerance, furthest a legitimate schedule can be ahead. Takes a
+# slot if one is due (returns 0), else returns the microseconds until one is, taking nothing; -1
+# when the stored schedule was garbage or out of range (then it is deleted).
 TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat == nil or tat > now + tonumber(ARGV[3]) then
+  redis.call('DEL', KEYS[1])
+  return -1
+end
 local due = tat - tonumber(ARGV[2])
 if due > now then return due - now end
 local new_tat = math.max(tat, now) + tonumber(ARGV[1])
@@ -45,11 +66,12 @@ local idle_ms = math.ceil((new_tat - now) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', idle_ms)
 return 0
 """
-# KEYS: schedule. ARGV: tolerance, penalty. No slot comes due before now + penalty.
+# KEYS: schedule. ARGV: tolerance, penalty. No slot comes due before now + penalty. A garbage or
+# out-of-range schedule is overwritten.
 PENALIZE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local tat = math.min(tonumber(redis.call('GET', KEYS[1]) or '0') or 0, now)
 local new_tat = math.max(tat, now + tonumber(ARGV[2]) + tonumber(ARGV[1]))
 local idle_ms = math.ceil((new_tat - now) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', idle_ms)
@@ -90,6 +112,8 @@ async def connect_shared_state(
         socket_connect_timeout=SOCKET_TIMEOUT,
         retry_on_timeout=False,
     )
+    with contextlib.suppress(RedisError):  # unreachable: readiness waits for it (first_answer)
+        await _check_version(client)
     limiter: RateLimiter | Unlimited = Unlimited()
     if settings.rate_limit_rps > 0:
         # Twilio's limit is per account, so is the budget: keyed by the account SID, never the
@@ -98,7 +122,32 @@ async def connect_shared_state(
         key = f"{PREFIX}:{{{settings.account_sid.lower()}}}:ratelimit"
         schedule = RedisSchedule(client, key, settings.rate_limit_rps, settings.rate_limit_burst)
         limiter = RateLimiter(schedule, schedule.gcra.interval)
-    return limiter, RedisRecords(client)
+    return limiter, RedisRecords(client, record_key(settings), settings.account_sid.lower())
+
+
+def record_key(settings: Settings) -> bytes:
+    """The records' HMAC key: derived from the Twilio secret, never stored anywhere."""
+    secret = settings.password.reveal().encode()
+    return hmac.new(secret, b"flexwebchat idempotency records v1", hashlib.sha256).digest()
+
+
+async def _check_version(client: aioredis.Redis) -> None:
+    """ConfigError for a Redis older than 7.0; RedisError when it cannot be reached."""
+    try:
+        info = await client.info("server")
+    except RedisError as exc:
+        if not isinstance(exc, ResponseError):
+            raise
+        # e.g. INFO not allowed by an ACL: the operator vouches for the version
+        log.warning("cannot read the Redis version", extra={"fields": {"error": str(exc)}})
+        return
+    version = str(info.get("redis_version", ""))
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if numbers < MIN_REDIS_VERSION:
+        raise ConfigError(
+            f"REDIS_URL: Redis {version or '(unknown version)'} is too old; the facade needs "
+            f"{'.'.join(map(str, MIN_REDIS_VERSION))} or later (SET with NX and GET)"
+        )
 
 
 def _unavailable(exc: RedisError) -> SharedStateUnavailable:
@@ -116,14 +165,18 @@ class RedisSchedule:
         self.gcra = Gcra(rate, burst)
         self._take = client.register_script(TAKE)
         self._penalize = client.register_script(PENALIZE)
+        # A legitimate schedule is never further ahead than a slot or the longest 429 pause.
+        self._max_ahead = MAX_PAUSE_SECONDS + self.gcra.tolerance + self.gcra.interval + 1.0
 
     async def take(self) -> float:
-        args = [_us(self.gcra.interval), _us(self.gcra.tolerance)]
+        args = [_us(self.gcra.interval), _us(self.gcra.tolerance), _us(self._max_ahead)]
         try:
-            wait_us = await self._take(keys=self._keys, args=args)
+            wait_us = int(await self._take(keys=self._keys, args=args))
         except RedisError as exc:
             raise _unavailable(exc) from None
-        return int(wait_us) / 1e6
+        if wait_us < 0:
+            raise _untrusted("the rate schedule was garbage or out of range; it was reset")
+        return wait_us / 1e6
 
     async def penalize(self, seconds: float) -> None:
         args = [_us(self.gcra.tolerance), _us(seconds)]
@@ -136,33 +189,45 @@ class RedisSchedule:
 class RedisRecords:
     """Idempotency records; a pending lock expires unless its owner's heartbeat renews it."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, mac_key: bytes, account: str) -> None:
         self._client = client
+        self._mac_key = mac_key
+        # Per account: two deployments sharing one Redis never see each other's request_ids.
+        self._prefix = f"{PREFIX}:{account}"
         self._refresh = client.register_script(REFRESH)
         self._complete = client.register_script(COMPLETE)
         self._release = client.register_script(RELEASE)
 
-    @staticmethod
-    def _key(key: str) -> str:
-        return f"{PREFIX}:idempotency:{key}"
+    def _key(self, key: str) -> str:
+        return f"{self._prefix}:idempotency:{key}"
 
     async def claim(self, key: str, record: Record, lock_seconds: float) -> Record | None:
         try:
             # SET NX GET: stores ours if the key is free, else returns what is there; one command.
             existing = await self._client.set(
-                self._key(key), _encode(record), nx=True, px=_ms(lock_seconds), get=True
+                self._key(key), self._encode(key, record), nx=True, px=_ms(lock_seconds), get=True
             )
         except RedisError as exc:
             raise _unavailable(exc) from None
-        return None if existing is None else _decode(cast(bytes, existing))
+        if existing is None:
+            return None
+        try:
+            return self._decode(key, cast(bytes, existing))
+        except ValueError as exc:
+            # Not ours, or damaged: never replay it. An expiry (if it had none) lets the id
+            # recover once a dead owner's lock would have expired.
+            with contextlib.suppress(RedisError):
+                await self._client.pexpire(self._key(key), _ms(lock_seconds), nx=True)
+            raise _untrusted(f"an idempotency record {exc}") from None
 
     async def refresh(self, key: str, owner: str, lock_seconds: float) -> None:
         await self._run(self._refresh, key, owner, _ms(lock_seconds))
 
     async def complete(self, key: str, record: Record, ttl_seconds: float) -> bool:
         try:
+            encoded = self._encode(key, record)
             stored = await self._complete(
-                keys=[self._key(key)], args=[record.owner, _encode(record), _ms(ttl_seconds)]
+                keys=[self._key(key)], args=[record.owner, encoded, _ms(ttl_seconds)]
             )
             if stored:
                 await self._client.delete(self._sent_key(key))
@@ -170,9 +235,8 @@ class RedisRecords:
             raise _unavailable(exc) from None
         return bool(stored)
 
-    @staticmethod
-    def _sent_key(key: str) -> str:
-        return f"{PREFIX}:sent:{key}"
+    def _sent_key(self, key: str) -> str:
+        return f"{self._prefix}:sent:{key}"
 
     async def mark_sent(self, key: str, sent_by: float, ttl_seconds: float) -> None:
         try:
@@ -224,28 +288,56 @@ class RedisRecords:
         except RedisError as exc:
             raise _unavailable(exc) from None
 
+    def _mac(self, key: str, fields: dict[str, Any]) -> str:
+        signed = json.dumps([key, *(fields[name] for name in _SIGNED)], separators=(",", ":"))
+        return hmac.new(self._mac_key, signed.encode(), hashlib.sha256).hexdigest()
 
-def _encode(record: Record) -> str:
-    return json.dumps(
-        {
+    def _encode(self, key: str, record: Record) -> str:
+        fields: dict[str, Any] = {
             "fingerprint": record.fingerprint,
             "owner": record.owner,
             "done": record.done,
             "ok": record.ok,
             "payload": base64.b64encode(record.payload).decode(),
         }
-    )
+        fields["mac"] = self._mac(key, fields)
+        return json.dumps(fields)
+
+    def _decode(self, key: str, raw: bytes) -> Record:
+        """The record, or ValueError saying why it cannot be trusted."""
+        try:
+            data = json.loads(raw)
+            fields = {name: data[name] for name in (*_SIGNED, "mac")}
+        except (ValueError, TypeError, KeyError):
+            raise ValueError("does not decode") from None
+        if not hmac.compare_digest(str(fields["mac"]), self._mac(key, fields)):
+            raise ValueError("fails its HMAC (forged, or written with another secret)")
+        fingerprint, owner, done, ok, payload = (fields[name] for name in _SIGNED)
+        if not (
+            isinstance(fingerprint, str)
+            and _HEX.fullmatch(fingerprint)
+            and isinstance(owner, str)
+            and _HEX.fullmatch(owner)
+            and isinstance(done, bool)
+            and isinstance(ok, bool)
+            and isinstance(payload, str)
+            and len(payload) <= MAX_PAYLOAD_BYTES * 4 // 3 + 4
+        ):
+            raise ValueError("holds out-of-range fields")
+        try:
+            decoded = base64.b64decode(payload, validate=True)
+        except binascii.Error:
+            raise ValueError("holds an undecodable payload") from None
+        return Record(fingerprint=fingerprint, owner=owner, done=done, ok=ok, payload=decoded)
 
 
-def _decode(raw: bytes | str) -> Record:
-    data = json.loads(raw)
-    return Record(
-        fingerprint=data["fingerprint"],
-        owner=data["owner"],
-        done=data["done"],
-        ok=data["ok"],
-        payload=base64.b64decode(data["payload"]),
-    )
+_SIGNED = ("fingerprint", "owner", "done", "ok", "payload")
+
+
+def _untrusted(reason: str) -> SharedStateUnavailable:
+    obs.SHARED_STATE_ERRORS.inc()
+    log.error("untrusted shared state", extra={"fields": {"error": reason}})
+    return SharedStateUnavailable(reason)
 
 
 def _us(seconds: float) -> int:

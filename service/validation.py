@@ -6,11 +6,13 @@ Every bad field gets its own violation, so a caller fixes all of them in one go.
 from __future__ import annotations
 
 import json
+import math
 import re
 import unicodedata
 from typing import Any
 
 from flexwebchat.v1 import webchat_pb2
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from service.errors import InvalidRequest
 from service.params import WebChatParams
@@ -94,6 +96,22 @@ def _name_problem(value: str) -> str | None:
         return f"must be at most {MAX_NAME_CHARS} characters, got {len(value)}"
     if any(unicodedata.category(ch) == "Cc" for ch in value):
         return "must not contain control characters (such as newlines or NUL)"
+    return _invisible_problem(value)
+
+
+# Characters that change what a Flex agent sees without being seen themselves: format characters
+# (zero-width, bidi overrides: Cf), line and paragraph separators (Zl, Zp), surrogates (Cs),
+# private-use (Co) and unassigned code points, noncharacters included (Cn).
+_INVISIBLE = frozenset({"Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+
+
+def _invisible_problem(value: str) -> str | None:
+    for ch in value:
+        if unicodedata.category(ch) in _INVISIBLE:
+            return (
+                f"must not contain invisible, bidi-control or unassigned characters "
+                f"(found U+{ord(ch):04X})"
+            )
     return None
 
 
@@ -117,19 +135,108 @@ def _pre_engagement_problem(value: str) -> str | None:
     if size > MAX_PRE_ENGAGEMENT_BYTES:
         return f"must be at most {MAX_PRE_ENGAGEMENT_BYTES} bytes of UTF-8, got {size}"
     try:
-        parsed = json.loads(value, parse_constant=_reject_constant)
+        parsed = json.loads(
+            value,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_unique_keys,
+        )
     except (ValueError, RecursionError) as exc:
         return f"must be a JSON object: {_short(exc)}"
     if not isinstance(parsed, dict):
         return f"must be a JSON object ({{...}}), got a JSON {_JSON_KINDS[type(parsed)]}"
-    return None
+    return _lone_surrogate_problem(parsed)
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):  # 1e400: other parsers disagree on what it means
+        raise ValueError(f"the number {text[:20]} is out of range")
+    return number
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Parsers disagree on which of two equal keys wins: what the facade checked and what an
+    # agent sees could differ.
+    result: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key[:40]!r}")
+        result[key] = item
+    return result
+
+
+def _lone_surrogate_problem(parsed: Any) -> str | None:
+    """JSON escapes can spell a lone surrogate (\\ud800), which is no character at all."""
+    pending = [parsed]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str) and any("\ud800" <= ch <= "\udfff" for ch in item):
+            return "must be a JSON object: a string holds a lone surrogate (\\uD800-\\uDFFF)"
+    return None
+
+
 def _short(exc: BaseException) -> str:
     if isinstance(exc, RecursionError):
         return "nested too deeply"
     return str(exc).splitlines()[0][:200]
+
+
+def wire_problems(raw: bytes, descriptor: Descriptor | None) -> list[tuple[str, str]]:
+    """Field violations for a message that protobuf refused to decode: the string fields that
+    are not UTF-8 when that is the cause, else one violation on the whole request."""
+    problems: list[tuple[str, str]] = []
+    fields = descriptor.fields_by_number if descriptor is not None else {}
+    for number, chunk in _length_delimited(raw):
+        field = fields.get(number)
+        if field is None or field.type != FieldDescriptor.TYPE_STRING:
+            continue
+        try:
+            chunk.decode("utf-8")
+        except UnicodeDecodeError:
+            problems.append((field.name, "must be valid UTF-8"))
+    return problems or [("request", "is not a valid protobuf message of the method's type")]
+
+
+def _length_delimited(raw: bytes) -> list[tuple[int, bytes]]:
+    """The top-level length-delimited fields of a protobuf message, as far as it parses."""
+    found, at = [], 0
+    try:
+        while at < len(raw):
+            key, at = _varint(raw, at)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, at = _varint(raw, at)
+            elif wire_type == 1:
+                at += 8
+            elif wire_type == 5:
+                at += 4
+            elif wire_type == 2:
+                size, at = _varint(raw, at)
+                found.append((number, raw[at : at + size]))
+                at += size
+            else:
+                break
+    except IndexError:
+        pass
+    return found
+
+
+def _varint(raw: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = raw[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80 or shift > 63:
+            return value, at
+        shift += 7

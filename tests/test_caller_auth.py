@@ -247,3 +247,77 @@ def test_idempotency_records_are_kept_apart_per_caller(token_facade, upstream) -
     assert support.identity != billing.identity
     assert as_caller("tok-billing-0123456789abcdef") == billing  # still idempotent per caller
     assert len(upstream.requests()) == 2
+
+
+def test_revocation_applies_beside_a_bad_line(token_facade) -> None:
+    facade, tokens = token_facade
+    before = tokens.stat()
+    # support is removed in the same edit that adds a malformed line; same size and mtime.
+    tokens.write_text("billing:tok-billing-0123456789abcdef\nsupport tok-support-012345678\n")
+    os.utime(tokens, ns=(before.st_atime_ns, before.st_mtime_ns))
+    time.sleep(1.1)
+    billing = [("authorization", "Bearer tok-billing-0123456789abcdef")]
+    support = [("authorization", "Bearer tok-support-0123456789abcdef")]
+    assert facade.stub.CreateWebChat(REQUEST, metadata=billing, timeout=5).conversation_sid
+    with pytest.raises(grpc.RpcError) as caught:
+        facade.stub.CreateWebChat(REQUEST, metadata=support, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    [error] = [line for line in facade.log_lines() if line["level"] == "error"]
+    assert error["file"] == "AUTH_TOKENS_FILE" and "line 2" in error["error"]
+    assert "tok-support" not in facade.logs()
+
+
+@pytest.mark.parametrize("change", ["emptied", "deleted"])
+def test_an_emptied_or_deleted_token_file_denies_every_call(token_facade, change: str) -> None:
+    facade, tokens = token_facade
+    if change == "emptied":
+        tokens.write_text("# nobody\n")
+    else:
+        tokens.unlink()
+    time.sleep(1.1)
+    for token in ("tok-billing-0123456789abcdef", "tok-support-0123456789abcdef"):
+        with pytest.raises(grpc.RpcError) as caught:
+            facade.stub.CreateWebChat(
+                REQUEST, metadata=[("authorization", f"Bearer {token}")], timeout=5
+            )
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert [line["level"] for line in facade.log_lines() if line["level"] == "error"] == ["error"]
+    metrics = httpx.get(f"http://127.0.0.1:{facade.metrics_port}/metrics").text
+    assert 'flexwebchat_config_reload_failures_total{file="AUTH_TOKENS_FILE"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("broken", ["mismatched key", "garbage certificate"])
+def test_a_refused_certificate_rotation_is_an_error_and_the_old_one_stays(
+    make_facade, upstream, tmp_path, pki, broken: str
+) -> None:
+    env = tls_env(tmp_path, pki, mutual=False)
+    facade = make_facade(upstream.url, **env)
+    other = issue("localhost", pki["ca"], server=True)
+    if broken == "mismatched key":
+        Path(env["TLS_KEY_FILE"]).write_bytes(other.key)  # the certificate stays the old one
+    else:
+        Path(env["TLS_CERT_FILE"]).write_bytes(b"-----BEGIN CERTIFICATE-----\nnot one\n")
+    assert call(facade.target, pki["ca"].cert).conversation_sid.startswith("CH")
+    assert call(facade.target, pki["ca"].cert).conversation_sid.startswith("CH")
+    [error] = [line for line in facade.log_lines() if line["level"] == "error"]
+    assert error["msg"] == "new TLS files refused; keeping the previous ones"
+    assert "reloaded TLS certificates" not in facade.logs()
+    metrics = httpx.get(f"http://127.0.0.1:{facade.metrics_port}/metrics").text
+    assert 'flexwebchat_config_reload_failures_total{file="TLS_CERT_FILE"} 1.0' in metrics
+
+
+def test_mutual_tls_can_allow_only_named_clients(make_facade, upstream, tmp_path, pki) -> None:
+    env = tls_env(tmp_path, pki, mutual=True)
+    facade = make_facade(upstream.url, TLS_CLIENT_NAMES="billing-service, support", **env)
+    assert call(facade.target, pki["ca"].cert, pki["client"]).conversation_sid.startswith("CH")
+    intruder = issue("intranet-crawler", pki["ca"])  # same CA, another name
+    with pytest.raises(grpc.RpcError) as caught:
+        call(facade.target, pki["ca"].cert, intruder)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert len(upstream.requests()) == 1
+
+
+def test_bearer_tokens_over_plaintext_are_warned_about(token_facade) -> None:
+    facade, _ = token_facade
+    [warning] = [line for line in facade.log_lines() if line["level"] == "warning"]
+    assert warning["msg"].startswith("bearer tokens are accepted over plaintext")

@@ -212,3 +212,20 @@ def test_a_grpc_port_held_by_another_facade_is_refused(
     env = facade_env(unlimited_upstream.url, GRPC_PORT=str(first.port))
     assert "GRPC_PORT" in refusal(env)
     assert first.create().conversation_sid.startswith("CH")  # the first one is untouched
+
+
+def test_a_bad_flex_ui_version_refuses_to_start(upstream) -> None:
+    env = facade_env(upstream.url, FLEX_UI_VERSION="2.0 beta")
+    result = subprocess.run(
+        [sys.executable, "-m", "service"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "flexwebchat: refusing to start: FLEX_UI_VERSION must be 1-64 visible ASCII "
+        "characters, e.g. 2.0.0"
+    )

@@ -135,3 +135,42 @@ async def test_in_process_records_are_capped_dropping_the_oldest_completed() -> 
     assert await records.claim("id-0", Record(fingerprint="fp", owner="new"), 60) is None
     assert await records.claim("pending", Record(fingerprint="fp", owner="new"), 60) is not None
     assert await records.claim("id-9", Record(fingerprint="fp", owner="new"), 60) is not None
+
+
+async def test_the_readme_states_the_worst_case_memory_of_in_process_records() -> None:
+    """Records with the longest identity Twilio echoes back (256 characters of 4 bytes each)."""
+    import hashlib
+    import re
+    import tracemalloc
+    import uuid
+    from pathlib import Path
+
+    from flexwebchat.v1 import webchat_pb2
+
+    count = 2000
+    records = LocalRecords(max_records=count + 10)
+    payload = webchat_pb2.CreateWebChatResponse(
+        conversation_sid="CH" + "0" * 32, identity="\U0001f600" * 256
+    )
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(count):
+            key, owner = str(uuid.uuid4()), uuid.uuid4().hex
+            done = Record(
+                hashlib.sha256(key.encode()).hexdigest(),
+                owner,
+                done=True,
+                ok=True,
+                payload=payload.SerializeToString(),
+            )
+            await records.claim(key, Record(done.fingerprint, owner), 10)
+            await records.complete(key, done, 86400)
+        measured = (tracemalloc.get_traced_memory()[0] - before) / count
+    finally:
+        tracemalloc.stop()
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    row = re.search(r"\| `IDEMPOTENCY_MAX_LOCAL_RECORDS` .*?about ([\d.]+) (KB|bytes) each", readme)
+    assert row, "the configuration table states the size of a record"
+    stated = float(row.group(1)) * (1000 if row.group(2) == "KB" else 1)
+    assert measured <= stated, f"a record takes {measured:.0f} bytes; the README says {stated:.0f}"

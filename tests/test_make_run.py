@@ -75,3 +75,43 @@ def test_make_run_falls_back_to_the_emulator_loudly_and_serves(tmp_path: Path) -
         with contextlib.suppress(ProcessLookupError):  # nothing outlives a failed test
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a socket listening on ``port``, from /proc/net/tcp{,6}."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(address)
+    return found
+
+
+def test_make_run_with_real_credentials_listens_on_loopback_only(tmp_path: Path, upstream) -> None:
+    from emulator.app import ACCOUNT_SID, AUTH_TOKEN
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "FLEX_", "REDIS"))}
+    port = free_port()
+    env.update(
+        GRPC_PORT=str(port),
+        METRICS_PORT="0",
+        TWILIO_ACCOUNT_SID=ACCOUNT_SID,
+        TWILIO_AUTH_TOKEN=AUTH_TOKEN,
+        FLEX_API_BASE_URL=upstream.url,
+    )
+    env.pop("GRPC_HOST", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emulator.devrun"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert wait_until_serving(health_pb2_grpc.HealthStub(channel), proc, timeout=20)
+        addresses = listening_addresses(port)
+        # 127.0.0.1, ::1, ::ffff:127.0.0.1
+        loopback = {"0100007F", "0" * 24 + "01000000", "0" * 16 + "FFFF0000" + "0100007F"}
+        assert addresses and addresses <= loopback, addresses
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import httpx
@@ -94,7 +96,9 @@ def test_one_log_line_per_rpc_with_what_happened(
     assert ok["upstream_attempts"] == 2
     assert ok["duration_ms"] > 0
     assert failed["code"] == "NOT_FOUND" and failed["twilio_code"] == 20404
-    assert "Address not found" in failed["error"]
+    # Twilio's text can quote the caller's personal data: the log keeps the code, not the text.
+    assert failed["error"] == "Twilio answered 404 (Twilio code 20404)"
+    assert "Address not found" not in facade.logs()
     logs = facade.logs()
     assert "private-person@example.com" not in logs and "Private Person" not in logs
 
@@ -182,3 +186,40 @@ def test_connection_ageing_never_cuts_a_call_short(
     reply = facade.create(timeout=8)
     assert reply.conversation_sid.startswith("CH")
     assert [r["status"] for r in unlimited_upstream.requests()] == [201]
+
+
+def test_a_second_signal_stops_at_once(make_facade, unlimited_upstream: EmulatorProcess) -> None:
+    facade = make_facade(
+        unlimited_upstream.url, SHUTDOWN_DELAY_SECONDS="60", SHUTDOWN_GRACE_SECONDS="60"
+    )
+    facade.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert facade.proc.poll() is None, "the first signal drains (for 60 s here)"
+    facade.proc.send_signal(signal.SIGINT)
+    assert facade.proc.wait(10) == 0
+    assert "second signal: stopping at once" in facade.logs()
+
+
+def test_the_metrics_port_serves_with_few_threads_and_times_out_idle_clients(
+    facade: FacadeProcess,
+) -> None:
+    def threads() -> int:
+        status = Path(f"/proc/{facade.proc.pid}/status").read_text()
+        return int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+
+    httpx.get(f"http://127.0.0.1:{facade.metrics_port}/metrics")
+    before = threads()
+    idle = [socket.create_connection(("127.0.0.1", facade.metrics_port)) for _ in range(50)]
+    try:
+        time.sleep(0.5)
+        assert threads() <= before + 4
+        # The idle connections are closed by the server after its timeout...
+        for sock in idle:
+            sock.settimeout(15)
+            assert sock.recv(1) == b""
+        # ...and scrapes are answered again.
+        reply = httpx.get(f"http://127.0.0.1:{facade.metrics_port}/metrics", timeout=10)
+        assert "flexwebchat_rpcs_in_flight" in reply.text
+    finally:
+        for sock in idle:
+            sock.close()

@@ -5,9 +5,14 @@ Also one replica without Redis, whose in-process limiter gives the same guarante
 
 from __future__ import annotations
 
+import base64
+import json
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +21,7 @@ import grpc
 import httpx
 import pytest
 from conftest import (
+    ADDRESS_SID,
     ROOT,
     EmulatorProcess,
     FacadeProcess,
@@ -26,9 +32,12 @@ from conftest import (
     start_redis,
     stop_process,
 )
+from flexwebchat.v1 import webchat_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis import Redis
 
 from emulator.app import ACCOUNT_SID, API_KEY, API_SECRET
+from service.webchat import fingerprint
 
 SERVICE = "flexwebchat.v1.WebChatService"
 
@@ -269,3 +278,138 @@ def test_not_ready_until_redis_has_answered_once(upstream: EmulatorProcess, tmp_
         assert facade.stop() == 0
         if redis is not None:
             stop_process(redis.proc)
+
+
+@pytest.fixture
+def replica(make_facade, upstream: EmulatorProcess, redis_server: RedisProcess) -> FacadeProcess:
+    return make_facade(  # type: ignore[no-any-return]
+        upstream.url, REDIS_URL=redis_server.url, IDEMPOTENCY_LOCK_SECONDS="1"
+    )
+
+
+def _redis(server: RedisProcess) -> Redis:
+    return Redis(host="127.0.0.1", port=server.port)
+
+
+def _shared_state_errors(facade: FacadeProcess) -> float:
+    text = httpx.get(f"http://127.0.0.1:{facade.metrics_port}/metrics").text
+    match = re.search(r"^flexwebchat_shared_state_errors_total (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_a_forged_record_is_never_replayed(replica, upstream, redis_server) -> None:
+    request_id = str(uuid.uuid4())
+    request = webchat_pb2.CreateWebChatRequest(address_sid=ADDRESS_SID, request_id=request_id)
+    forged = webchat_pb2.CreateWebChatResponse(conversation_sid="CH" + "e" * 32, identity="x")
+    record = {
+        "fingerprint": fingerprint(request),
+        "owner": "0" * 32,
+        "done": True,
+        "ok": True,
+        "payload": base64.b64encode(forged.SerializeToString()).decode(),
+        "mac": "0" * 64,
+    }
+    key = f"flexwebchat:{ACCOUNT_SID.lower()}:idempotency:{request_id}"
+    _redis(redis_server).set(key, json.dumps(record))
+    with pytest.raises(grpc.RpcError) as caught:
+        replica.stub.CreateWebChat(request, timeout=5)
+    status = rich_status(caught.value)
+    assert status["code"] == grpc.StatusCode.UNAVAILABLE
+    assert status["ErrorInfo"].reason == "SHARED_STATE_UNAVAILABLE"
+    assert _shared_state_errors(replica) == 1
+    assert 0 < _redis(redis_server).pttl(key) <= 1000  # it no longer blocks the id for ever
+    assert upstream.requests() == []
+
+
+def test_garbage_at_a_key_is_unavailable_then_expires(replica, upstream, redis_server) -> None:
+    request_id = str(uuid.uuid4())
+    _redis(redis_server).set(
+        f"flexwebchat:{ACCOUNT_SID.lower()}:idempotency:{request_id}", b"\xff not json"
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        replica.create(request_id=request_id)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "Traceback" not in replica.logs()
+    time.sleep(1.1)  # the lock time given to the key
+    assert replica.create(request_id=request_id).conversation_sid.startswith("CH")
+
+
+def test_a_schedule_pushed_far_ahead_is_reset(replica, upstream, redis_server) -> None:
+    client = _redis(redis_server)
+    seconds, micros = client.time()
+    an_hour_ahead = (seconds + 3600) * 1_000_000 + micros
+    client.set(f"flexwebchat:{{{ACCOUNT_SID.lower()}}}:ratelimit", an_hour_ahead)
+    with pytest.raises(grpc.RpcError) as caught:
+        replica.create()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert _shared_state_errors(replica) == 1
+    assert replica.create().conversation_sid.startswith("CH")
+
+
+def test_every_key_the_facade_writes_expires(replica, upstream, redis_server) -> None:
+    upstream.fault({"status": 429, "code": 20429, "retry_after": "0.2"})
+    replica.create(request_id=str(uuid.uuid4()))
+    replica.create()
+    client = _redis(redis_server)
+    keys = list(client.scan_iter("flexwebchat:*"))
+    kinds = {k.decode().split(":")[1 if "idempotency" in k.decode() else 2] for k in keys}
+    assert kinds == {"idempotency", "ratelimit"}
+    assert all(client.pttl(key) > 0 for key in keys), {k: client.pttl(k) for k in keys}
+
+
+def test_a_redis_older_than_7_is_refused_at_start(tmp_path, upstream: EmulatorProcess) -> None:
+    """A stand-in speaking the Redis protocol that reports 6.2 (no such real Redis is packaged
+    here): the facade needs SET with both NX and GET."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            buffer = b""
+            while chunk := conn.recv(65536):
+                buffer += chunk
+                while (command := _resp_command(buffer)) is not None:
+                    words, buffer = command
+                    if words[0].upper() == b"INFO":
+                        info = b"# Server\r\nredis_version:6.2.14\r\n"
+                        conn.sendall(b"$%d\r\n%s\r\n" % (len(info), info))
+                    elif words[0].upper() == b"PING":
+                        conn.sendall(b"+PONG\r\n")
+                    else:
+                        conn.sendall(b"+OK\r\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    env = facade_env(upstream.url, REDIS_URL=f"redis://127.0.0.1:{port}/0")
+    result = subprocess.run(
+        [sys.executable, "-m", "service"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    server.close()
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "flexwebchat: refusing to start: REDIS_URL: Redis 6.2.14 is too old; "
+        "the facade needs 7.0 or later (SET with NX and GET)"
+    )
+
+
+def _resp_command(buffer: bytes) -> tuple[list[bytes], bytes] | None:
+    """One RESP array of bulk strings from the front of ``buffer``, and the rest."""
+    if not buffer.startswith(b"*") or b"\r\n" not in buffer:
+        return None
+    head, rest = buffer.split(b"\r\n", 1)
+    words = []
+    for _ in range(int(head[1:])):
+        if b"\r\n" not in rest:
+            return None
+        size_line, rest = rest.split(b"\r\n", 1)
+        size = int(size_line[1:])
+        if len(rest) < size + 2:
+            return None
+        words.append(rest[:size])
+        rest = rest[size + 2 :]
+    return words, rest
