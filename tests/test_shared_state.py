@@ -352,7 +352,7 @@ def test_every_key_the_facade_writes_expires(replica, upstream, redis_server) ->
     replica.create()
     client = _redis(redis_server)
     keys = list(client.scan_iter("flexwebchat:*"))
-    kinds = {k.decode().split(":")[1 if "idempotency" in k.decode() else 2] for k in keys}
+    kinds = {k.decode().split(":")[2] for k in keys}  # flexwebchat:<account>:<kind>...
     assert kinds == {"idempotency", "ratelimit"}
     assert all(client.pttl(key) > 0 for key in keys), {k: client.pttl(k) for k in keys}
 
