@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTO  := proto/flexwebchat/v1/webchat.proto
 
-.PHONY: run test lint proto bench system-deps clean
+.PHONY: run test lint breaking api-baseline proto bench system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,7 @@ proto: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m emulator.devrun
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps node_modules/.installed
 	$(BIN)/python -m pytest
 
 # buf (proto lint) comes from the npm registry, pinned in package-lock.json.
@@ -48,11 +48,23 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-lint: $(STAMP) node_modules/.installed
+lint: $(STAMP) node_modules/.installed breaking
 	node_modules/.bin/buf lint
 	$(BIN)/ruff check service emulator tests bench
 	$(BIN)/ruff format --check service emulator tests bench
 	$(BIN)/mypy
+
+# The breaking-change gate: the proto must stay compatible with the last released API, the
+# committed buf image $(BASELINE), by buf's FILE rules (callers' generated code keeps compiling).
+# API= points it at another checkout of buf.yaml + proto/ (tests/test_breaking.py does).
+BASELINE := api-baseline.binpb
+API      ?= .
+breaking: node_modules/.installed
+	node_modules/.bin/buf breaking $(API) --against $(API)/$(BASELINE)
+
+# Run at release time: the released proto becomes the baseline the next changes are held to.
+api-baseline: node_modules/.installed
+	node_modules/.bin/buf build --exclude-source-info -o $(BASELINE)
 
 bench: $(STAMP) system-deps
 	$(BIN)/python -m bench --json bench/results.json
