@@ -50,8 +50,8 @@ node_modules/.installed: package.json package-lock.json
 
 lint: $(STAMP) node_modules/.installed breaking
 	node_modules/.bin/buf lint
-	$(BIN)/ruff check service emulator tests bench
-	$(BIN)/ruff format --check service emulator tests bench
+	$(BIN)/ruff check service emulator tests bench examples
+	$(BIN)/ruff format --check service emulator tests bench examples
 	$(BIN)/mypy
 
 # The breaking-change gate: the proto must stay compatible with the last released API, the

@@ -311,6 +311,16 @@ def to_status(exc: BaseException) -> status_pb2.Status:
             return _status(code_pb2.INTERNAL, "internal error")
 
 
+def retry_delay_ms(status: status_pb2.Status) -> int | None:
+    """The RetryInfo delay of ``status`` in milliseconds, or None when it carries no RetryInfo."""
+    for packed in status.details:
+        if packed.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            packed.Unpack(info)
+            return int(info.retry_delay.ToMilliseconds())
+    return None
+
+
 def _status(code: int, message: str, *details: object) -> status_pb2.Status:
     status = status_pb2.Status(code=code, message=message)
     for detail in details:

@@ -27,6 +27,7 @@ from typing import Any, TypeAlias, cast
 
 import grpc
 from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from service import observability as obs
@@ -38,6 +39,7 @@ from service.errors import (
     InvalidRequest,
     ServerLimit,
     Unauthenticated,
+    retry_delay_ms,
     to_status,
 )
 from service.validation import wire_problems
@@ -172,7 +174,7 @@ class RpcObserver(grpc.aio.ServerInterceptor):
             except FacadeError as exc:
                 status = to_status(exc)
                 code, message = CODE_NAMES.get(status.code, "UNKNOWN"), str(exc)
-                await context.abort_with_status(rpc_status.to_status(status))
+                await context.abort_with_status(_grpc_status(status))
             except asyncio.CancelledError:
                 code, message = "CANCELLED", "the caller cancelled or its deadline passed"
                 raise
@@ -183,7 +185,7 @@ class RpcObserver(grpc.aio.ServerInterceptor):
                 log.exception("unexpected error", extra={"fields": {"method": short}})
                 status = to_status(exc)
                 code, message = "INTERNAL", status.message
-                await context.abort_with_status(rpc_status.to_status(status))
+                await context.abort_with_status(_grpc_status(status))
             finally:
                 if admitted:
                     slots.give()
@@ -292,6 +294,23 @@ async def _responses(result: Any) -> AsyncIterator[Any]:
             yield response
     else:
         await result
+
+
+class _Status(grpc.Status):
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: Any) -> None:
+        self.code, self.details, self.trailing_metadata = code, details, trailing_metadata
+
+
+def _grpc_status(status: status_pb2.Status) -> grpc.Status:
+    """The status with its details trailer, plus ``grpc-retry-pushback-ms`` when it carries a
+    RetryInfo: gRPC's own client retries (the shipped service config) then wait as long as the
+    facade asked, instead of their own backoff."""
+    rich = rpc_status.to_status(status)
+    delay_ms = retry_delay_ms(status)
+    if delay_ms is None:
+        return rich
+    pushback = (("grpc-retry-pushback-ms", str(delay_ms)),)
+    return _Status(rich.code, rich.details, tuple(rich.trailing_metadata) + pushback)
 
 
 def _aborted(context: Context) -> tuple[str, str]:

@@ -1,0 +1,88 @@
+"""Creates one web chat through the facade, as docs/clients.md shows it for Python callers.
+
+    python create_webchat.py HOST:PORT ADDRESS_SID
+
+Needs only the client package (``pip install ./generated``: flexwebchat-client). Prints the
+response as JSON and exits 0, or prints the status code and its google.rpc details and exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from importlib import resources
+from typing import Any
+
+import grpc
+from flexwebchat.v1 import webchat_pb2, webchat_pb2_grpc
+from google.protobuf import json_format
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+# retryPolicy (UNAVAILABLE, RESOURCE_EXHAUSTED) and round_robin, shipped with the stubs.
+SERVICE_CONFIG = resources.files("flexwebchat.v1").joinpath("service_config.json").read_text()
+DETAIL_TYPES = (
+    error_details_pb2.BadRequest,
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.RetryInfo,
+)
+
+
+def connect(target: str) -> grpc.Channel:
+    """A channel whose calls gRPC itself retries, waiting as long as the facade's RetryInfo asks
+    (it arrives as ``grpc-retry-pushback-ms``). Use ``dns:///NAME:PORT`` with a headless Service
+    so that round_robin spreads calls over every replica."""
+    return grpc.insecure_channel(
+        target,
+        options=[("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)],
+    )
+
+
+def create_webchat(
+    channel: grpc.Channel, address_sid: str, request_id: str
+) -> webchat_pb2.CreateWebChatResponse:
+    """One chat. ``request_id`` is made once per chat and reused by every retry of it: that is
+    what makes any retry (gRPC's own, or yours) return the same conversation."""
+    stub = webchat_pb2_grpc.WebChatServiceStub(channel)
+    request = webchat_pb2.CreateWebChatRequest(address_sid=address_sid, request_id=request_id)
+    return stub.CreateWebChat(request, timeout=10)  # always set a deadline (seconds)
+
+
+def error_details(error: grpc.RpcError) -> dict[str, Any]:
+    """The status code and each google.rpc detail of a failed call, by type name."""
+    described: dict[str, Any] = {"code": error.code().name}  # type: ignore[attr-defined]
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    if status is None:  # a status from gRPC itself (e.g. the deadline): no details
+        described["message"] = error.details()  # type: ignore[attr-defined]
+        return described
+    described["message"] = status.message
+    for packed in status.details:
+        for kind in DETAIL_TYPES:
+            if packed.Is(kind.DESCRIPTOR):
+                detail = kind()
+                packed.Unpack(detail)
+                described[kind.DESCRIPTOR.name] = json_format.MessageToDict(detail)
+    return described
+
+
+def should_retry(described: dict[str, Any]) -> bool:
+    """Retry (later, with the same request_id) only when the facade says when: RetryInfo.
+    RESOURCE_EXHAUSTED without one (an oversized message) fails the same way every time."""
+    return "RetryInfo" in described
+
+
+def main(argv: list[str]) -> int:
+    target, address_sid = argv[1], argv[2]
+    with connect(target) as channel:
+        try:
+            reply = create_webchat(channel, address_sid, request_id=str(uuid.uuid4()))
+        except grpc.RpcError as error:
+            print(json.dumps(error_details(error), indent=2))
+            return 1
+    print(json.dumps(json_format.MessageToDict(reply, preserving_proto_field_name=True)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
