@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTO  := proto/flexwebchat/v1/webchat.proto
 
-.PHONY: run test lint breaking api-baseline proto bench system-deps clean
+.PHONY: run test lint breaking api-baseline proto bench system-deps example-deps examples go-example clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,19 @@ system-deps:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "missing Debian packages: run 'sudo apt-get install$$missing'" >&2; exit 1; fi; fi
 
+# Debian packages the Go example builds with, offline: Go, grpc-go, protobuf-go and genproto as
+# GOPATH sources, the protoc plugins examples/buf.gen.yaml runs, and protoc for its Java output.
+EXAMPLE_DEBS := golang-go golang-google-grpc-dev golang-google-protobuf-dev \
+  golang-github-golang-protobuf-1-5-dev golang-google-genproto-dev protoc-gen-go protoc-gen-go-grpc \
+  protobuf-compiler protobuf-compiler-grpc-java-plugin
+example-deps:
+	@missing=$$(for deb in $(EXAMPLE_DEBS); do \
+	  dpkg-query -W -f='$${Status}\n' $$deb 2>/dev/null | grep -q ' installed' || echo $$deb; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  else echo "missing Debian packages: run 'sudo apt-get install" $$missing"'" >&2; exit 1; fi; fi
+
 # Regenerates the committed Python code from the proto: messages, gRPC stubs, and typed .pyi
 # for both (the gRPC one by mypy-protobuf). tests/test_generated_code.py runs this target.
 GENERATED ?= generated
@@ -40,7 +53,7 @@ proto: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m emulator.devrun
 
-test: $(STAMP) system-deps node_modules/.installed
+test: $(STAMP) system-deps node_modules/.installed examples
 	$(BIN)/python -m pytest
 
 # buf (proto lint) comes from the npm registry, pinned in package-lock.json.
@@ -66,8 +79,28 @@ breaking: node_modules/.installed
 api-baseline: node_modules/.installed
 	node_modules/.bin/buf build --exclude-source-info -o $(BASELINE)
 
+# The Node.js and Go callers in examples/, which tests/test_examples.py runs against the facade.
+examples: examples/node/node_modules/.installed go-example
+
+examples/node/node_modules/.installed: examples/node/package.json examples/node/package-lock.json
+	cd examples/node && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# Generates Go (and Java) code with examples/buf.gen.yaml, as a caller would, and builds the Go
+# example in GOPATH mode from Debian's packages: nothing is downloaded. Debian names the Java
+# plugin grpc_java_plugin; callers elsewhere have it as protoc-gen-grpc-java.
+GO_BUILD := $(CURDIR)/.build/go
+GO_PKG   := $(GO_BUILD)/src/example.com/flexwebchat/examples/go
+go-example: node_modules/.installed example-deps
+	rm -rf $(GO_BUILD) && mkdir -p $(GO_BUILD)/bin $(GO_PKG)
+	ln -s /usr/bin/grpc_java_plugin $(GO_BUILD)/bin/protoc-gen-grpc-java
+	PATH=$(GO_BUILD)/bin:$$PATH node_modules/.bin/buf generate --template examples/buf.gen.yaml -o $(GO_PKG)
+	cp examples/go/main.go $(GO_PKG)/
+	cd $(GO_PKG) && GO111MODULE=off GOPROXY=off GOFLAGS= GOPATH=$(GO_BUILD):/usr/share/gocode \
+	  go build -o $(GO_BUILD)/create-webchat .
+
 bench: $(STAMP) system-deps
 	$(BIN)/python -m bench --json bench/results.json
 
 clean:
-	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) node_modules examples/node/node_modules .build .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,132 @@
+// Command create-webchat creates one web chat through the flexwebchat facade, as
+// docs/clients.md shows it for Go callers:
+//
+//	create-webchat HOST:PORT ADDRESS_SID
+//
+// It prints the response as JSON and exits 0, or prints the status code and its google.rpc
+// details (BadRequest, ErrorInfo, RetryInfo) as JSON and exits 1. The stubs come from
+// `buf generate --template ../buf.gen.yaml` (managed mode sets their go_package).
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"fmt"
+	"io/ioutil"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+	"unicode"
+
+	flexwebchatv1 "example.com/flexwebchat/examples/go/gen/go/flexwebchat/v1"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/runtime/protoimpl"
+)
+
+func main() {
+	if len(os.Args) != 3 {
+		fmt.Fprintln(os.Stderr, "usage: create-webchat HOST:PORT ADDRESS_SID")
+		os.Exit(2)
+	}
+	os.Exit(run(os.Args[1], os.Args[2]))
+}
+
+func run(target, addressSid string) int {
+	// The shipped service config: gRPC retries UNAVAILABLE and RESOURCE_EXHAUSTED itself and waits
+	// as long as the facade's RetryInfo asks (grpc-retry-pushback-ms); round_robin over replicas
+	// with a dns:/// target naming a headless Service. (grpc-go before 1.40: GRPC_GO_RETRY=on.)
+	serviceConfig, err := ioutil.ReadFile(serviceConfigPath())
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	conn, err := grpc.Dial(target, grpc.WithInsecure(), grpc.WithDefaultServiceConfig(string(serviceConfig)))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	defer conn.Close()
+
+	// Always set a deadline; the facade fits its own retries into it.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// One request_id per chat, reused by every retry of that chat: retries then never create a
+	// second conversation.
+	request := &flexwebchatv1.CreateWebChatRequest{AddressSid: addressSid, RequestId: newUUID()}
+	reply, err := flexwebchatv1.NewWebChatServiceClient(conn).CreateWebChat(ctx, request)
+	if err != nil {
+		printJSON(describe(err))
+		return 1
+	}
+	printJSON(json.RawMessage(protojson.MarshalOptions{UseProtoNames: true}.Format(reply)))
+	return 0
+}
+
+// describe returns the status code and each google.rpc detail of a failed call, by type name.
+// Retry (with the same request_id) only when a RetryInfo is present: RESOURCE_EXHAUSTED without
+// one (an oversized message) fails the same way every time.
+func describe(err error) map[string]interface{} {
+	st := status.Convert(err)
+	described := map[string]interface{}{"code": codeName(st.Code()), "message": st.Message()}
+	for _, detail := range st.Details() {
+		switch d := detail.(type) {
+		case *errdetails.BadRequest:
+			described["BadRequest"] = asJSON(d)
+		case *errdetails.ErrorInfo:
+			described["ErrorInfo"] = asJSON(d)
+		case *errdetails.RetryInfo:
+			described["RetryInfo"] = asJSON(d)
+		}
+	}
+	return described
+}
+
+// asJSON accepts both the protobuf API v2 messages of current genproto and the v1 ones of older
+// releases (Debian's), through ProtoMessageV2Of.
+func asJSON(message interface{}) json.RawMessage {
+	return json.RawMessage(protojson.Format(protoimpl.X.ProtoMessageV2Of(message)))
+}
+
+func printJSON(value interface{}) {
+	out, _ := json.MarshalIndent(value, "", "  ")
+	fmt.Println(string(out))
+}
+
+// codeName turns Go's "InvalidArgument" into the canonical "INVALID_ARGUMENT".
+func codeName(code codes.Code) string {
+	var name strings.Builder
+	previous := 'A'
+	for _, r := range code.String() {
+		if unicode.IsUpper(r) && unicode.IsLower(previous) {
+			name.WriteByte('_')
+		}
+		name.WriteRune(unicode.ToUpper(r))
+		previous = r
+	}
+	return name.String()
+}
+
+func newUUID() string {
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		panic(err)
+	}
+	b[6] = b[6]&0x0f | 0x40 // version 4
+	b[8] = b[8]&0x3f | 0x80 // RFC 4122 variant
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
+}
+
+// serviceConfigPath is the service config shipped with the proto stubs, found from this example's
+// place in the checkout unless FLEXWEBCHAT_SERVICE_CONFIG names it.
+func serviceConfigPath() string {
+	if path := os.Getenv("FLEXWEBCHAT_SERVICE_CONFIG"); path != "" {
+		return path
+	}
+	return filepath.Join("..", "..", "generated", "flexwebchat", "v1", "service_config.json")
+}
