@@ -44,10 +44,12 @@ example-deps:
 # Regenerates the committed Python code from the proto: messages, gRPC stubs, and typed .pyi
 # for both (the gRPC one by mypy-protobuf). tests/test_generated_code.py runs this target.
 GENERATED ?= generated
+# Messages come from protoc 33.5 (pinned), whose gencode runs on protobuf 6.33.5 and later, so the
+# flexwebchat-client package built from generated/ serves callers on protobuf 6 or 7.
 proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(GENERATED) --pyi_out=$(GENERATED) \
-	  --grpc_python_out=$(GENERATED) --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
-	  --mypy_grpc_out=$(GENERATED) $(PROTO)
+	$(BIN)/protoc -Iproto -I$(VENV)/include --python_out=$(GENERATED) --pyi_out=$(GENERATED) $(PROTO)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --grpc_python_out=$(GENERATED) \
+	  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=$(GENERATED) $(PROTO)
 
 # Runs the facade. Without Twilio credentials it runs against the bundled emulator, and says so.
 run: $(STAMP)
