@@ -1,6 +1,10 @@
 # The contract for setting up, generating, running and testing the facade.
 # Every target works from a fresh clone: the first one run creates .venv.
-PYTHON ?= python3.11
+# Python 3.11 to 3.13. PYTHON=... chooses one; else the first of these that is at least 3.11.
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(shell for py in python3 python3.13 python3.12 python3.11; do \
+  $$py -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { echo $$py; break; }; done)
+endif
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -9,6 +13,11 @@ PROTO  := proto/flexwebchat/v1/webchat.proto
 .PHONY: run test lint breaking api-baseline proto bench system-deps example-deps examples go-example clean
 
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  echo "flexwebchat needs Python 3.11 or newer (3.11 to 3.13 are tested), and" \
+	    "$(if $(PYTHON),'$(PYTHON)' is not one,none was found on PATH):" \
+	    "install one (Debian: apt-get install python3; or pyenv install 3.13)," \
+	    "or name it with 'make PYTHON=/path/to/python3.x'" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
