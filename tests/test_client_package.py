@@ -95,5 +95,6 @@ def test_the_python_example_calls_the_facade_with_it(
     assert bad.returncode == 1, bad.stderr
     error = json.loads(bad.stdout)
     assert error["code"] == "INVALID_ARGUMENT"
+    assert error["retryable"] is False
     assert [v["field"] for v in error["BadRequest"]["fieldViolations"]] == ["address_sid"]
     assert len(upstream.requests()) == 1

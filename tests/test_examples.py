@@ -62,6 +62,7 @@ def test_example_shows_the_address_sid_violation(
 
     assert code == 1
     assert error["code"] == "INVALID_ARGUMENT"
+    assert error["retryable"] is False
     violations = error["BadRequest"]["fieldViolations"]  # type: ignore[index]
     assert [v["field"] for v in violations] == ["address_sid"]
     assert "Conversations service (IS" in violations[0]["description"]
@@ -76,6 +77,7 @@ def test_example_decodes_error_info_and_retry_info(make_facade, upstream: Emulat
         code, error = run_caller(caller, facade.target, ADDRESS_SID)
         assert code == 1, caller
         assert error["code"] == "UNAVAILABLE", caller
+        assert error["retryable"] is True, caller
         assert error["ErrorInfo"]["domain"] == "flex-api.twilio.com", caller  # type: ignore[index]
         # protojson (Go) writes a Duration as "1s"; protobufjs (Node) as its fields.
         delay = error["RetryInfo"]["retryDelay"]  # type: ignore[index]

@@ -61,7 +61,9 @@ func run(target, addressSid string) int {
 	request := &flexwebchatv1.CreateWebChatRequest{AddressSid: addressSid, RequestId: newUUID()}
 	reply, err := flexwebchatv1.NewWebChatServiceClient(conn).CreateWebChat(ctx, request)
 	if err != nil {
-		printJSON(describe(err))
+		described := describe(err)
+		described["retryable"] = shouldRetry(described)
+		printJSON(described)
 		return 1
 	}
 	printJSON(json.RawMessage(protojson.MarshalOptions{UseProtoNames: true}.Format(reply)))
@@ -69,8 +71,6 @@ func run(target, addressSid string) int {
 }
 
 // describe returns the status code and each google.rpc detail of a failed call, by type name.
-// Retry (with the same request_id) only when a RetryInfo is present: RESOURCE_EXHAUSTED without
-// one (an oversized message) fails the same way every time.
 func describe(err error) map[string]interface{} {
 	st := status.Convert(err)
 	described := map[string]interface{}{"code": codeName(st.Code()), "message": st.Message()}
@@ -85,6 +85,13 @@ func describe(err error) map[string]interface{} {
 		}
 	}
 	return described
+}
+
+// shouldRetry: retry (later, with the same request_id) only when the facade says when, a
+// RetryInfo. RESOURCE_EXHAUSTED without one (an oversized message) fails the same way every time.
+func shouldRetry(described map[string]interface{}) bool {
+	_, ok := described["RetryInfo"]
+	return ok
 }
 
 // asJSON accepts both the protobuf API v2 messages of current genproto and the v1 ones of older

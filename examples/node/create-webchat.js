@@ -93,7 +93,8 @@ async function main([target, addressSid]) {
     console.log(JSON.stringify(reply));
     return 0;
   } catch (error) {
-    console.log(JSON.stringify(errorDetails(error), null, 2));
+    const described = errorDetails(error);
+    console.log(JSON.stringify({ ...described, retryable: shouldRetry(described) }, null, 2));
     return 1;
   } finally {
     client.close();

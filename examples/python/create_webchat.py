@@ -78,7 +78,8 @@ def main(argv: list[str]) -> int:
         try:
             reply = create_webchat(channel, address_sid, request_id=str(uuid.uuid4()))
         except grpc.RpcError as error:
-            print(json.dumps(error_details(error), indent=2))
+            described = error_details(error)
+            print(json.dumps({**described, "retryable": should_retry(described)}, indent=2))
             return 1
     print(json.dumps(json_format.MessageToDict(reply, preserving_proto_field_name=True)))
     return 0
