@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -94,3 +95,17 @@ def test_buf_gen_template_sets_go_and_java_packages_outside_the_proto() -> None:
     assert "package com.example.flexwebchat.v1;" in java_stub
     proto = (ROOT / "proto/flexwebchat/v1/webchat.proto").read_text()
     assert "go_package" not in proto and "java_package" not in proto
+
+
+TESTED_SNIPPET = re.compile(r"<!-- tested: (\S+) -->\n```\w+\n(.*?)```", re.DOTALL)
+
+
+def test_docs_snippets_are_the_code_these_tests_run() -> None:
+    snippets = TESTED_SNIPPET.findall((ROOT / "docs/clients.md").read_text())
+
+    assert {path for path, _ in snippets} == {
+        "examples/python/create_webchat.py",
+        "examples/node/create-webchat.js",
+    }
+    for path, code in snippets:
+        assert code in (ROOT / path).read_text(), f"docs/clients.md: a snippet is not in {path}"
