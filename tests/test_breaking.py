@@ -40,14 +40,15 @@ def test_the_checked_in_proto_passes_the_gate(tmp_path: Path) -> None:
 def test_adding_a_field_and_a_method_is_not_breaking(tmp_path: Path) -> None:
     api = api_copy(tmp_path)
     text = (api / PROTO).read_text()
-    text = text.replace(
-        "  string request_id = 7;\n", "  string request_id = 7;\n  bool issue_token = 8;\n"
-    )
-    text = text.replace(
-        "returns (CreateWebChatResponse);\n",
-        "returns (CreateWebChatResponse);\n"
-        "  rpc Other(CreateWebChatRequest) returns (CreateWebChatResponse);\n",
-    )
+    for anchor, addition in [
+        ("message CreateWebChatRequest {\n", "  string added_by_test = 1000;\n"),
+        (
+            "service WebChatService {\n",
+            "  rpc AddedByTest(CreateWebChatRequest) returns (CreateWebChatResponse);\n",
+        ),
+    ]:
+        assert anchor in text
+        text = text.replace(anchor, anchor + addition, 1)
     (api / PROTO).write_text(text)
     result = breaking(api)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -4,8 +4,8 @@
 //	create-webchat HOST:PORT ADDRESS_SID
 //
 // It prints the response as JSON and exits 0, or prints the status code and its google.rpc
-// details (BadRequest, ErrorInfo, RetryInfo) as JSON and exits 1. The stubs come from
-// `buf generate --template ../buf.gen.yaml` (managed mode sets their go_package).
+// details (BadRequest, ErrorInfo, RetryInfo, PreconditionFailure) as JSON and exits 1. The
+// stubs come from `buf generate --template ../buf.gen.yaml` (managed mode sets go_package).
 package main
 
 import (
@@ -82,6 +82,8 @@ func describe(err error) map[string]interface{} {
 			described["ErrorInfo"] = asJSON(d)
 		case *errdetails.RetryInfo:
 			described["RetryInfo"] = asJSON(d)
+		case *errdetails.PreconditionFailure:
+			described["PreconditionFailure"] = asJSON(d)
 		}
 	}
 	return described

@@ -3,7 +3,7 @@
 //   node create-webchat.js HOST:PORT ADDRESS_SID
 //
 // Prints the response as JSON and exits 0, or prints the status code and its google.rpc details
-// (BadRequest, ErrorInfo, RetryInfo) as JSON and exits 1.
+// (BadRequest, ErrorInfo, RetryInfo, PreconditionFailure) as JSON and exits 1.
 'use strict';
 
 const crypto = require('node:crypto');
@@ -31,7 +31,7 @@ const rpcProtos = protobuf.loadSync([
   googleProtoFiles.getProtoPath('rpc', 'error_details.proto'),
 ]);
 const Status = rpcProtos.lookupType('google.rpc.Status');
-const DETAIL_TYPES = ['BadRequest', 'ErrorInfo', 'RetryInfo'];
+const DETAIL_TYPES = ['BadRequest', 'ErrorInfo', 'RetryInfo', 'PreconditionFailure'];
 
 // retryPolicy (UNAVAILABLE, RESOURCE_EXHAUSTED) and round_robin, shipped with the proto stubs.
 // gRPC then retries by itself, waiting as long as the facade's RetryInfo asks

@@ -26,6 +26,7 @@ DETAIL_TYPES = (
     error_details_pb2.BadRequest,
     error_details_pb2.ErrorInfo,
     error_details_pb2.RetryInfo,
+    error_details_pb2.PreconditionFailure,
 )
 
 
