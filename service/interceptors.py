@@ -302,14 +302,13 @@ class _Status(grpc.Status):
 
 
 def _grpc_status(status: status_pb2.Status) -> grpc.Status:
-    """The status with its details trailer, plus ``grpc-retry-pushback-ms`` when it carries a
-    RetryInfo: gRPC's own client retries (the shipped service config) then wait as long as the
-    facade asked, instead of their own backoff."""
+    """The status with its details trailer and ``grpc-retry-pushback-ms``, which steers gRPC's
+    own client retries (the shipped service config): the RetryInfo delay when there is one, else
+    -1, which tells gRPC not to retry (an ambiguous failure without a request_id is UNAVAILABLE,
+    yet a retry could create a second conversation)."""
     rich = rpc_status.to_status(status)
     delay_ms = retry_delay_ms(status)
-    if delay_ms is None:
-        return rich
-    pushback = (("grpc-retry-pushback-ms", str(delay_ms)),)
+    pushback = (("grpc-retry-pushback-ms", str(-1 if delay_ms is None else delay_ms)),)
     return _Status(rich.code, rich.details, tuple(rich.trailing_metadata) + pushback)
 
 

@@ -11,6 +11,7 @@ import uuid
 import grpc
 import pytest
 from conftest import ADDRESS_SID, ROOT, EmulatorProcess, FacadeProcess, rich_status
+from flexwebchat.v1 import webchat_pb2, webchat_pb2_grpc
 
 sys.path.insert(0, str(ROOT / "examples/python"))
 import create_webchat as example
@@ -72,7 +73,7 @@ def test_every_retry_info_is_also_a_pushback_trailer(
     assert trailers["grpc-retry-pushback-ms"] == "2000"
 
 
-def test_errors_without_retry_info_send_no_pushback(
+def test_errors_without_retry_info_tell_grpc_not_to_retry(
     facade: FacadeProcess, upstream: EmulatorProcess
 ) -> None:
     with pytest.raises(grpc.RpcError) as caught:
@@ -80,5 +81,22 @@ def test_errors_without_retry_info_send_no_pushback(
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     trailers = dict(caught.value.trailing_metadata())  # type: ignore[attr-defined]
-    assert "grpc-retry-pushback-ms" not in trailers
+    assert trailers["grpc-retry-pushback-ms"] == "-1"
     assert upstream.requests() == []
+
+
+def test_an_ambiguous_failure_without_request_id_is_not_retried_by_the_client(
+    facade: FacadeProcess, upstream: EmulatorProcess
+) -> None:
+    # A 502 may mean Twilio created the chat. Without a request_id nothing can tell a retry from
+    # a new chat, so the facade answers UNAVAILABLE without RetryInfo, and pushback -1 keeps
+    # gRPC's retry policy (which covers UNAVAILABLE) from re-sending it.
+    upstream.fault({"status": 502}, {"status": 502}, {"status": 502})
+    stub = webchat_pb2_grpc.WebChatServiceStub(example.connect(facade.target))
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.CreateWebChat(webchat_pb2.CreateWebChatRequest(address_sid=ADDRESS_SID), timeout=10)
+
+    status = rich_status(caught.value)
+    assert status["code"] == grpc.StatusCode.UNAVAILABLE
+    assert "RetryInfo" not in status
+    assert [r["status"] for r in upstream.requests()] == [502]
