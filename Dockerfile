@@ -13,7 +13,6 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY generated ./generated
 COPY service ./service
-COPY emulator ./emulator
 RUN /opt/venv/bin/pip install ".${EXTRAS}" \
     && /opt/venv/bin/pip uninstall --yes pip setuptools wheel
 
@@ -32,5 +31,6 @@ USER 10001:10001
 WORKDIR /
 # gRPC, Prometheus /metrics, plaintext health for the kubelet (HEALTH_PORT)
 EXPOSE 50051 9464 8086
-# Exec form: python is PID 1 and handles SIGTERM itself (drain, then exit 0).
-ENTRYPOINT ["python", "-m", "service"]
+# Exec form: python is PID 1 and handles SIGTERM itself (drain, then exit 0). The checkout's
+# service/ package installs as flexwebchat_server (python -m service runs it from a checkout).
+ENTRYPOINT ["python", "-m", "flexwebchat_server"]

@@ -7,9 +7,9 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from service.config import ConfigError, Settings
-from service.observability import configure_logging
-from service.server import serve
+from .config import ConfigError, Settings
+from .observability import configure_logging
+from .server import serve
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:

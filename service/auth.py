@@ -23,9 +23,9 @@ from pathlib import Path
 
 import grpc
 
-from service import observability as obs
-from service.config import ConfigError, Settings
-from service.errors import Unauthenticated
+from . import observability as obs
+from .config import ConfigError, Settings
+from .errors import Unauthenticated
 
 log = logging.getLogger("flexwebchat.auth")
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import re
 from urllib.parse import quote
 
-from service.config import Settings
-from service.deadline import Deadline
-from service.errors import UpstreamBadResponse, UpstreamError
-from service.upstream import TwilioHttp, UpstreamRequest, json_object
+from .config import Settings
+from .deadline import Deadline
+from .errors import UpstreamBadResponse, UpstreamError
+from .upstream import TwilioHttp, UpstreamRequest, json_object
 
 MESSAGE_SID = re.compile(r"IM[0-9a-fA-F]{32}")
 CONVERSATION_SID = re.compile(r"CH[0-9a-fA-F]{32}")

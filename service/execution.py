@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
-from service.deadline import Deadline
-from service.errors import DeadlineExceeded
+from .deadline import Deadline
+from .errors import DeadlineExceeded
 
 log = logging.getLogger("flexwebchat.execution")
 

@@ -29,15 +29,15 @@ import time
 import uuid
 from dataclasses import replace
 
-from service import execution
-from service.config import Settings
-from service.conversations import ConversationsClient
-from service.deadline import Deadline
-from service.errors import FacadeError, UpstreamUnreachable
-from service.flex import FlexClient, WebChat
-from service.idempotency import RecordBackend
-from service.params import WebChatParams
-from service.upstream import is_ambiguous
+from . import execution
+from .config import Settings
+from .conversations import ConversationsClient
+from .deadline import Deadline
+from .errors import FacadeError, UpstreamUnreachable
+from .flex import FlexClient, WebChat
+from .idempotency import RecordBackend
+from .params import WebChatParams
+from .upstream import is_ambiguous
 
 SETTLE_TIMEOUTS = 2  # attempt timeouts after a send by which Twilio has settled it
 

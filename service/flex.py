@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import httpx
 
-from service import observability as obs
-from service.config import Settings
-from service.deadline import Deadline
-from service.errors import UpstreamBadResponse
-from service.params import WebChatParams
-from service.ratelimit import Limiter
-from service.upstream import TwilioHttp, UpstreamRequest, json_object
+from . import observability as obs
+from .config import Settings
+from .deadline import Deadline
+from .errors import UpstreamBadResponse
+from .params import WebChatParams
+from .ratelimit import Limiter
+from .upstream import TwilioHttp, UpstreamRequest, json_object
 
 WEBCHATS_PATH = "/v2/WebChats"
 CONVERSATION_SID = re.compile(r"CH[0-9a-fA-F]{32}")

@@ -34,9 +34,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from service import observability as obs
-from service.deadline import Deadline
-from service.errors import (
+from . import observability as obs
+from .deadline import Deadline
+from .errors import (
     DeadlineExceeded,
     FacadeError,
     InvalidRequest,

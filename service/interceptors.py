@@ -30,10 +30,10 @@ from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
-from service import observability as obs
-from service import tracing
-from service.auth import CallerTokens
-from service.errors import (
+from . import observability as obs
+from . import tracing
+from .auth import CallerTokens
+from .errors import (
     DeadlineExceeded,
     FacadeError,
     InvalidRequest,
@@ -42,7 +42,7 @@ from service.errors import (
     retry_delay_ms,
     to_status,
 )
-from service.validation import wire_problems
+from .validation import wire_problems
 
 log = logging.getLogger("flexwebchat.rpc")
 

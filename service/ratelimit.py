@@ -23,8 +23,8 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Protocol
 
-from service.deadline import Deadline
-from service.errors import CallerQuotaExceeded, DeadlineExceeded, Draining, RateLimitExceeded
+from .deadline import Deadline
+from .errors import CallerQuotaExceeded, DeadlineExceeded, Draining, RateLimitExceeded
 
 
 class Schedule(Protocol):

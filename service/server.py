@@ -18,18 +18,18 @@ from flexwebchat.v1 import webchat_pb2, webchat_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service import tracing
-from service.auth import CallerTokens, server_credentials
-from service.config import ConfigError, Settings
-from service.conversations import ConversationsClient
-from service.flex import FlexClient
-from service.idempotency import IdempotencyStore, LocalRecords, RecordBackend
-from service.interceptors import Limits, RpcObserver
-from service.metrics_server import MetricsServer, start_metrics_server
-from service.ratelimit import Limiter, LocalSchedule, RateLimiter, Unlimited
-from service.tokens import GuestTokens
-from service.upstream import TwilioHttp, new_http_client
-from service.webchat import WebChatServicer
+from . import tracing
+from .auth import CallerTokens, server_credentials
+from .config import ConfigError, Settings
+from .conversations import ConversationsClient
+from .flex import FlexClient
+from .idempotency import IdempotencyStore, LocalRecords, RecordBackend
+from .interceptors import Limits, RpcObserver
+from .metrics_server import MetricsServer, start_metrics_server
+from .ratelimit import Limiter, LocalSchedule, RateLimiter, Unlimited
+from .tokens import GuestTokens
+from .upstream import TwilioHttp, new_http_client
+from .webchat import WebChatServicer
 
 log = logging.getLogger("flexwebchat")
 
@@ -214,7 +214,7 @@ async def _state(
     """Rate limit and idempotency records: in Redis when REDIS_URL is set, else in-process; and
     what readiness must wait for (Redis's first answer), if anything."""
     if settings.redis_url is not None:
-        from service.shared import connect_shared_state
+        from .shared import connect_shared_state
 
         shared_limiter, records = await connect_shared_state(settings)
         return shared_limiter, records, records.first_answer

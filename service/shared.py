@@ -31,11 +31,11 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from service import observability as obs
-from service.config import ConfigError, Settings
-from service.errors import SharedStateUnavailable
-from service.idempotency import Record
-from service.ratelimit import Gcra, RateLimiter, Unlimited
+from . import observability as obs
+from .config import ConfigError, Settings
+from .errors import SharedStateUnavailable
+from .idempotency import Record
+from .ratelimit import Gcra, RateLimiter, Unlimited
 
 log = logging.getLogger("flexwebchat.shared")
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import jwt
 
-from service.config import Secret
-from service.errors import TokenRejected
+from .config import Secret
+from .errors import TokenRejected
 
 ALGORITHM = "HS256"
 MAX_TOKEN_CHARS = 8 * 1024  # ours are under 1 KB; anything far larger is not worth parsing

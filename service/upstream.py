@@ -42,18 +42,18 @@ from tenacity import (
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from service import execution, tracing
-from service import observability as obs
-from service.config import Settings
-from service.deadline import Deadline
-from service.errors import (
+from . import execution, tracing
+from . import observability as obs
+from .config import Settings
+from .deadline import Deadline
+from .errors import (
     DeadlineExceeded,
     RateLimitExceeded,
     UpstreamError,
     UpstreamUnreachable,
 )
-from service.ratelimit import Limiter, require_time_for
-from service.transport import AiohttpTransport, CookielessClient
+from .ratelimit import Limiter, require_time_for
+from .transport import AiohttpTransport, CookielessClient
 
 log = logging.getLogger("flexwebchat.upstream")
 

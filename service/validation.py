@@ -14,8 +14,8 @@ from typing import Any
 from flexwebchat.v1 import webchat_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from service.errors import InvalidRequest
-from service.params import WebChatParams
+from .errors import InvalidRequest
+from .params import WebChatParams
 
 ADDRESS_SID = re.compile(r"IG[0-9a-fA-F]{32}")
 REQUEST_ID = re.compile(

@@ -11,12 +11,12 @@ from flexwebchat.v1 import webchat_pb2, webchat_pb2_grpc
 from google.protobuf import timestamp_pb2
 from google.rpc import status_pb2
 
-from service import execution
-from service import observability as obs
-from service.config import Settings
-from service.conversations import ConversationsClient
-from service.deadline import Deadline
-from service.errors import (
+from . import execution
+from . import observability as obs
+from .config import Settings
+from .conversations import ConversationsClient
+from .deadline import Deadline
+from .errors import (
     FacadeError,
     MaybeProcessed,
     ReplayedError,
@@ -24,15 +24,15 @@ from service.errors import (
     TokensNotConfigured,
     to_status,
 )
-from service.execution import Executions
-from service.find_or_create import FindOrCreate
-from service.flex import FlexClient, WebChat
-from service.idempotency import IdempotencyStore, Outcome, is_stored_failure
-from service.params import WebChatParams
-from service.ratelimit import CallerQuota
-from service.tokens import GuestToken, GuestTokens
-from service.upstream import is_ambiguous
-from service.validation import validate, validate_refresh
+from .execution import Executions
+from .find_or_create import FindOrCreate
+from .flex import FlexClient, WebChat
+from .idempotency import IdempotencyStore, Outcome, is_stored_failure
+from .params import WebChatParams
+from .ratelimit import CallerQuota
+from .tokens import GuestToken, GuestTokens
+from .upstream import is_ambiguous
+from .validation import validate, validate_refresh
 
 log = logging.getLogger("flexwebchat.webchat")
 

@@ -66,7 +66,8 @@ def test_dockerfile_passes_hadolint() -> None:
 
 def test_dockerfile_runs_as_non_root_with_exec_form_entrypoint() -> None:
     assert dockerfile_instruction("USER")[-1] == "10001:10001"
-    assert json.loads(dockerfile_instruction("ENTRYPOINT")[-1]) == ["python", "-m", "service"]
+    entrypoint = ["python", "-m", "flexwebchat_server"]
+    assert json.loads(dockerfile_instruction("ENTRYPOINT")[-1]) == entrypoint
     assert len(dockerfile_instruction("FROM")) == 2  # build stage + runtime stage
     assert "PYTHONUNBUFFERED=1" in DOCKERFILE
     exposed = {int(p) for p in dockerfile_instruction("EXPOSE")[-1].split()}
@@ -404,9 +405,12 @@ def test_the_docker_build_context_builds_the_package(tmp_path: Path) -> None:
     )
     [wheel] = tmp_path.glob("flexwebchat-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
+    # Only names of its own at the top of site-packages: nothing generic like service or emulator.
+    top_level = {name.split("/")[0] for name in names if not name.startswith("flexwebchat-")}
+    assert top_level == {"flexwebchat", "flexwebchat_server"}
     for expected in (
-        "service/__main__.py",
-        "service/server.py",
+        "flexwebchat_server/__main__.py",
+        "flexwebchat_server/server.py",
         "flexwebchat/v1/webchat_pb2.py",
         "flexwebchat/v1/webchat_pb2_grpc.py",
         "flexwebchat/v1/webchat_pb2.pyi",
