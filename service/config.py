@@ -56,6 +56,7 @@ class Settings:
     attempt_timeout: float = 10.0
     latency_estimate: float = 0.5  # expected attempt duration until enough are observed
     max_attempts: int = 4
+    upstream_max_connections: int = 100  # HTTP requests to Twilio in flight at once
     retry_ambiguous: bool = False
     default_deadline: float = 30.0
     max_deadline: float = 60.0
@@ -115,6 +116,7 @@ class Settings:
             attempt_timeout=reader.number("FLEX_ATTEMPT_TIMEOUT_SECONDS", 10.0, minimum=0.1),
             latency_estimate=reader.number("FLEX_LATENCY_ESTIMATE_SECONDS", 0.5, minimum=0.0),
             max_attempts=int(reader.number("FLEX_MAX_ATTEMPTS", 4, minimum=1)),
+            upstream_max_connections=int(reader.number("FLEX_MAX_CONNECTIONS", 100, minimum=1)),
             retry_ambiguous=reader.flag("FLEX_RETRY_AMBIGUOUS"),
             default_deadline=reader.number("FLEX_DEFAULT_DEADLINE_SECONDS", 30.0, minimum=0.1),
             max_deadline=reader.number("FLEX_MAX_DEADLINE_SECONDS", 60.0, minimum=0.1),

@@ -82,7 +82,9 @@ def new_http_client(settings: Settings) -> httpx.AsyncClient:
         auth=httpx.BasicAuth(settings.username, settings.password.reveal()),
         headers={"User-Agent": USER_AGENT},
         timeout=httpx.Timeout(settings.attempt_timeout, connect=min(settings.attempt_timeout, 5)),
-        transport=AiohttpTransport(limits=httpx.Limits(max_connections=100)),
+        transport=AiohttpTransport(
+            limits=httpx.Limits(max_connections=settings.upstream_max_connections)
+        ),
         follow_redirects=False,
         trust_env=False,
     )

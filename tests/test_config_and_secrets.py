@@ -105,6 +105,13 @@ def test_bad_settings_are_refused_with_the_reason(env: dict[str, str], reason: s
         Settings.from_env(env)
 
 
+def test_flex_max_connections_bounds_the_upstream_pool() -> None:
+    assert Settings.from_env(CREDS).upstream_max_connections == 100
+    wide = Settings.from_env({**CREDS, "FLEX_MAX_CONNECTIONS": "1000"})
+    assert wide.upstream_max_connections == 1000
+    with pytest.raises(ConfigError, match="FLEX_MAX_CONNECTIONS"):
+        Settings.from_env({**CREDS, "FLEX_MAX_CONNECTIONS": "0"})
+
 def test_loopback_http_is_allowed_for_the_emulator() -> None:
     for url in ("http://127.0.0.1:8080", "http://localhost:1", "http://[::1]:9"):
         env = {"TWILIO_ACCOUNT_SID": ACCOUNT, "TWILIO_AUTH_TOKEN": "t", "FLEX_API_BASE_URL": url}

@@ -412,6 +412,34 @@ async def test_the_facade_client_keeps_no_cookies() -> None:
     assert len(server.requests) == 2
 
 
+async def test_the_facade_client_holds_at_most_flex_max_connections_requests_at_once() -> None:
+    in_flight, most = 0, 0
+
+    async def slow(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        nonlocal in_flight, most
+        while True:
+            await server.read_request(reader)
+            in_flight += 1
+            most = max(most, in_flight)
+            await asyncio.sleep(0.1)
+            in_flight -= 1
+            respond(writer, 201, json.dumps(CREATED).encode())
+            await writer.drain()
+
+    async with RawServer(slow) as server:
+        env = {
+            "TWILIO_ACCOUNT_SID": "AC" + "1" * 32,
+            "TWILIO_AUTH_TOKEN": SECRET,
+            "FLEX_API_BASE_URL": server.url,
+            "FLEX_MAX_CONNECTIONS": "3",
+        }
+        async with new_http_client(Settings.from_env(env)) as http:
+            url = f"{server.url}/v2/WebChats"
+            replies = await asyncio.gather(*[post(http, url) for _ in range(8)])
+    assert [reply.status_code for reply in replies] == [201] * 8  # the others waited their turn
+    assert most == 3
+    assert server.connections == 3
+
 # -- TLS: a failed handshake happens before any byte of the request --------------------------------
 
 
