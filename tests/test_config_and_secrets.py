@@ -112,6 +112,7 @@ def test_flex_max_connections_bounds_the_upstream_pool() -> None:
     with pytest.raises(ConfigError, match="FLEX_MAX_CONNECTIONS"):
         Settings.from_env({**CREDS, "FLEX_MAX_CONNECTIONS": "0"})
 
+
 def test_loopback_http_is_allowed_for_the_emulator() -> None:
     for url in ("http://127.0.0.1:8080", "http://localhost:1", "http://[::1]:9"):
         env = {"TWILIO_ACCOUNT_SID": ACCOUNT, "TWILIO_AUTH_TOKEN": "t", "FLEX_API_BASE_URL": url}

@@ -440,6 +440,7 @@ async def test_the_facade_client_holds_at_most_flex_max_connections_requests_at_
     assert most == 3
     assert server.connections == 3
 
+
 # -- TLS: a failed handshake happens before any byte of the request --------------------------------
 
 
