@@ -12,6 +12,10 @@
    conversations delivered (``bench/one_conversation.py``).
 5. Issue 8, a mix of ambiguous and plain faults, callers retrying with their request_id: creates
    per id.
+6-9. Issue 12's other rows (``bench/issue12.py``): 1000 creates at once against a 250 ms
+   upstream; 1000 callers queued behind the 5/s limit beside a bare grpc.aio floor; CPU of a
+   replay, a refusal and a token refresh; start to SERVING and RSS.
+10. Every issue-12 target beside its measured value, from this run.
 
 Prints tables; ``--json PATH`` also writes every number as JSON (``make bench`` writes
 bench/results.json). ``--only`` runs some sections. ``--before CHECKOUT`` adds, in sections 4 and
@@ -44,7 +48,8 @@ from flexwebchat.v1 import webchat_pb2, webchat_pb2_grpc
 from twilio.base.exceptions import TwilioRestException
 from twilio.rest import Client
 
-from bench import one_conversation
+from bench import issue12, one_conversation
+from bench.cpu import cpu_seconds
 from emulator.app import ACCOUNT_SID, AUTH_TOKEN
 from emulator.harness import (
     ADDRESS_SID,
@@ -78,11 +83,6 @@ FACADE_1, TWILIO, BARE_HTTPX = (
     "bare httpx POST, 1 at a time",
 )
 Row = dict[str, Any]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -370,7 +370,15 @@ def facade_name(checkout: Path | None) -> str:
     return f"facade at {commit}"
 
 
-SECTIONS = ("one_create", "account_limit", "short_deadlines", "fault_mix")  # --only
+SECTIONS = (  # --only
+    "one_create",
+    "account_limit",
+    "short_deadlines",
+    "fault_mix",
+    "burst",
+    "waiting",
+    "cheap_calls",
+)
 
 
 def print_one_create(rows: list[Row]) -> None:
@@ -488,6 +496,21 @@ def main() -> None:
             print("   max/id: most conversations Twilio created for one id; ids >1: ids with more")
             print("   than one; calls: every call the callers made, retries included")
             print()
+        starts: list[float] = []
+        if "burst" in args.only:
+            results["burst"] = issue12.burst_rows(workdir, starts)
+            issue12.print_burst(results["burst"])
+        if "waiting" in args.only:
+            results["waiting"] = issue12.waiting_rows(workdir, starts)
+            issue12.print_waiting(results["waiting"])
+        if "cheap_calls" in args.only:
+            results["cheap_calls"] = issue12.cheap_rows(workdir, starts, ROUNDS)
+            issue12.print_cheap(results["cheap_calls"], ROUNDS)
+        if starts:
+            results["start_to_serving_s"] = [round(s, 3) for s in starts]
+            issue12.print_start(starts)
+        results["issue12_targets"] = issue12.targets(results)
+        issue12.print_targets(results["issue12_targets"])
     results["load_average_after"] = os.getloadavg()
     load = " ".join(f"{v:.2f}" for v in results["load_average_before"])
     print(f"   load average before the run: {load} ({results['cpus']} CPUs)")
