@@ -429,8 +429,8 @@ def print_targets(rows: list[Row]) -> None:
     if not rows:
         return
     print("10. Issue 12 targets, this run")
-    print(f"{'':<56} {'measured':<26} {'target':<16} met")
+    print(f"{'':<58} {'measured':<26} {'target':<16} met")
     for r in rows:
         met = "yes" if r["met"] else "no"
-        print(f"{r['metric']:<56} {r['value']:<26} {r['target']:<16} {met}")
+        print(f"{r['metric']:<58} {r['value']:<26} {r['target']:<16} {met}")
     print()
