@@ -1,9 +1,10 @@
-"""``python -m bench.floor_servicer``: issue 12's floor for a waiting call, a bare grpc.aio
-WebChatService whose CreateWebChat only awaits a sleep as long as the caller's deadline.
+"""``python -m bench.floor_servicer``: issue 12's floors, a bare grpc.aio WebChatService.
 
-The facade's memory and CPU per queued caller are compared with this (``make bench`` section 6):
-what any grpc.aio server pays to hold a call open, before anything the facade adds. Same event
-loop as the facade (uvloop). Prints ``floor listening on PORT`` once serving; runs until SIGTERM.
+CreateWebChat only awaits a sleep as long as the caller's deadline: the facade's memory and CPU
+per queued caller are compared with it (``make bench`` section 7), what any grpc.aio server pays
+to hold a call open. RefreshGuestToken answers a constant at once: the gRPC floor for a cheap
+call (section 8). Same event loop as the facade (uvloop). Prints ``floor listening on PORT``
+once serving; runs until SIGTERM.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ class Floor(webchat_pb2_grpc.WebChatServiceServicer):
     ) -> webchat_pb2.CreateWebChatResponse:
         await asyncio.sleep(context.time_remaining() or 60.0)
         return webchat_pb2.CreateWebChatResponse()
+
+    async def RefreshGuestToken(
+        self, request: webchat_pb2.RefreshGuestTokenRequest, context: grpc.aio.ServicerContext
+    ) -> webchat_pb2.RefreshGuestTokenResponse:
+        return webchat_pb2.RefreshGuestTokenResponse(access_token="x", identity="y")
 
 
 async def main() -> None:
