@@ -125,6 +125,11 @@ def test_loopback_http_is_allowed_for_the_emulator() -> None:
         ({"TWILIO_ACCOUNT_SID": "", "TWILIO_AUTH_TOKEN": ""}, "no Twilio credentials"),
         ({"FLEX_API_BASE_URL": "http://10.1.2.3"}, "http:// only to a loopback host"),
         (
+            # Guest tokens on, but the facade runs on an auth token, which cannot sign them.
+            {"TWILIO_CONVERSATIONS_SERVICE_SID": "IS" + "0" * 32},
+            "also need TWILIO_API_KEY, TWILIO_API_SECRET",
+        ),
+        (
             # The shared budget is the account's; an API key alone does not say which account.
             {
                 "TWILIO_ACCOUNT_SID": "",
