@@ -16,10 +16,10 @@ from urllib.parse import quote
 from .config import Settings
 from .deadline import Deadline
 from .errors import UpstreamBadResponse, UpstreamError
+from .flex import CONVERSATION_SID
 from .upstream import TwilioHttp, UpstreamRequest, json_object
 
 MESSAGE_SID = re.compile(r"IM[0-9a-fA-F]{32}")
-CONVERSATION_SID = re.compile(r"CH[0-9a-fA-F]{32}")
 
 
 class ConversationsClient:

@@ -10,13 +10,13 @@ Exception tree::
     ├── RateLimitExceeded            the account-wide budget cannot fit the deadline
     ├── DeadlineExceeded             the caller's deadline (or the server maximum) ran out
     ├── MaybeProcessed               ambiguous failure of a call without request_id (no RetryInfo)
-    ├── CallerQuotaExceeded          one caller already has too many calls queued or in flight
     ├── Draining                     this replica is shutting down; another one will serve
     ├── SharedStateUnavailable       Redis (shared limits, idempotency) cannot be reached
     ├── Unauthenticated              caller auth is on and the call has no valid token
     ├── TokensNotConfigured          issue_token/RefreshGuestToken without token settings
     ├── TokenRejected                a presented guest token is forged, foreign or expired
     ├── ServerLimit                  a limit the facade enforces on itself (RESOURCE_EXHAUSTED)
+    │   └── CallerQuotaExceeded      one caller already has too many calls queued or in flight
     └── ReplayedError                a stored outcome of an earlier call with the same request_id
 
 Servicer code raises these; :func:`to_status` is the only place that builds statuses.
@@ -114,17 +114,6 @@ class MaybeProcessed(FacadeError):
         )
 
 
-class CallerQuotaExceeded(FacadeError):
-    """One caller may not hold more than its share of the queue and the upstream."""
-
-    def __init__(self, caller: str, limit: int) -> None:
-        self.retry_after = 1.0
-        super().__init__(
-            f"caller {caller!r} already has {limit} calls queued or in flight "
-            "(FLEX_MAX_PENDING_PER_CALLER); retry when some have finished"
-        )
-
-
 class Draining(FacadeError):
     """The replica is shutting down: queued and new calls go elsewhere."""
 
@@ -170,12 +159,24 @@ class TokenRejected(FacadeError):
 
 
 class ServerLimit(FacadeError):
-    """A limit the facade enforces on itself: concurrent calls, message size."""
+    """A limit the facade enforces on itself: concurrent calls, message size, a caller's share."""
 
     def __init__(self, reason: str, message: str, *, retry_after: float | None = None) -> None:
         self.reason = reason
         self.retry_after = retry_after
         super().__init__(message)
+
+
+class CallerQuotaExceeded(ServerLimit):
+    """One caller may not hold more than its share of the queue and the upstream."""
+
+    def __init__(self, caller: str, limit: int) -> None:
+        super().__init__(
+            "CALLER_QUOTA",
+            f"caller {caller!r} already has {limit} calls queued or in flight "
+            "(FLEX_MAX_PENDING_PER_CALLER); retry when some have finished",
+            retry_after=1.0,
+        )
 
 
 class ReplayedError(FacadeError):
@@ -219,13 +220,7 @@ def to_status(exc: BaseException) -> status_pb2.Status:
         case ReplayedError():
             return exc.status
         case InvalidRequest():
-            bad = error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                    for f, d in exc.violations
-                ]
-            )
-            return _status(code_pb2.INVALID_ARGUMENT, f"invalid request: {exc}", bad)
+            return _invalid(exc.violations)
         case UpstreamError():
             code = upstream_code(exc.http_status)
             metadata = {"http_status": str(exc.http_status)}
@@ -265,11 +260,6 @@ def to_status(exc: BaseException) -> status_pb2.Status:
             status.details.extend(kept)
             status.message = str(exc)
             return status
-        case CallerQuotaExceeded():
-            info = _error_info("CALLER_QUOTA", FACADE_DOMAIN, {})
-            return _status(
-                code_pb2.RESOURCE_EXHAUSTED, str(exc), info, _retry_info(exc.retry_after)
-            )
         case Draining():
             info = _error_info("DRAINING", FACADE_DOMAIN, {})
             return _status(code_pb2.UNAVAILABLE, str(exc), info, _retry_info(0.0))
@@ -291,17 +281,9 @@ def to_status(exc: BaseException) -> status_pb2.Status:
             )
             return _status(code_pb2.FAILED_PRECONDITION, str(exc), failure)
         case TokenRejected():
-            bad = error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field="access_token", description=str(exc)
-                    )
-                ]
-            )
-            info = _error_info(exc.reason, FACADE_DOMAIN, {})
-            return _status(
-                code_pb2.INVALID_ARGUMENT, f"invalid request: access_token: {exc}", bad, info
-            )
+            status = _invalid([("access_token", str(exc))])
+            status.details.add().Pack(_error_info(exc.reason, FACADE_DOMAIN, {}))
+            return status
         case ServerLimit():
             limit: list[object] = [_error_info(exc.reason, FACADE_DOMAIN, {})]
             if exc.retry_after is not None:
@@ -319,6 +301,18 @@ def retry_delay_ms(status: status_pb2.Status) -> int | None:
             packed.Unpack(info)
             return int(info.retry_delay.ToMilliseconds())
     return None
+
+
+def _invalid(violations: list[tuple[str, str]]) -> status_pb2.Status:
+    """INVALID_ARGUMENT with one BadRequest field violation per (field, description)."""
+    bad = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+            for field, description in violations
+        ]
+    )
+    message = "; ".join(f"{field}: {description}" for field, description in violations)
+    return _status(code_pb2.INVALID_ARGUMENT, f"invalid request: {message}", bad)
 
 
 def _status(code: int, message: str, *details: object) -> status_pb2.Status:

@@ -11,10 +11,8 @@ request_id, or reported as an orphan without one). The drain waits for these.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -27,26 +25,15 @@ T = TypeVar("T")
 
 
 class Execution:
-    """One call's upstream work: whether a request is out, and whether its caller is gone."""
+    """One call's upstream work: whether a request has gone out, and whether its caller left."""
 
-    __slots__ = ("abandoned", "before_send", "last_sent_at", "sending")
+    __slots__ = ("abandoned", "before_send", "last_sent_at")
 
     def __init__(self) -> None:
-        self.sending = 0  # requests that may be at Twilio right now
         self.abandoned = False
-        self.last_sent_at = 0.0  # wall time the latest request started to leave
+        self.last_sent_at = 0.0  # wall time the latest request started to leave; 0: none yet
         # Awaited just before a request may leave (e.g. to note it in the shared records).
         self.before_send: Callable[[], Awaitable[None]] | None = None
-
-    @contextlib.contextmanager
-    def send(self) -> Iterator[None]:
-        """Marks the span in which a request may have left."""
-        self.last_sent_at = time.time()
-        self.sending += 1
-        try:
-            yield
-        finally:
-            self.sending -= 1
 
 
 _current: ContextVar[Execution | None] = ContextVar("flexwebchat_execution", default=None)

@@ -75,7 +75,7 @@ class RecordBackend(Protocol):
     async def release(self, key: str, owner: str) -> None: ...
 
     async def mark_sent(self, key: str, sent_by: float, ttl_seconds: float) -> None:
-        """Notes that a request for ``key`` may reach Twilio, all of it by wall time ``sent_by``;
+        """Notes that a request for ``key`` may reach Twilio, sent at wall time ``sent_by``;
         forgotten when the outcome is stored."""
         ...
 

@@ -172,8 +172,6 @@ class RateLimiter:
 class Unlimited:
     """FLEX_RATE_LIMIT_RPS=0: no local limit (Twilio's own 429s are still retried)."""
 
-    queued = 0
-
     async def acquire(self, deadline: Deadline, need: float = 0.0) -> float:
         require_time_for(need, deadline)
         return 0.0

@@ -128,10 +128,6 @@ class LatencyEstimate:
             self._value = self._sorted[int(len(self._sorted) * 0.95)]
             self._gauge.set(self._value)
 
-    @property
-    def value(self) -> float:
-        return self._value
-
     def need(self) -> float:
         """The time an attempt must have left to start."""
         return self._value * 1.1 + self.MARGIN
@@ -210,7 +206,8 @@ class TwilioHttp:
             await work.before_send()
         record = obs.current_rpc()
         record.upstream_attempts += 1
-        with tracing.attempt_span(record.upstream_attempts) as span, work.send():
+        work.last_sent_at = time.time()
+        with tracing.attempt_span(record.upstream_attempts) as span:
             started = time.monotonic()
             try:
                 # From here the request may leave: nothing cancels it but its own timeout.
@@ -320,13 +317,7 @@ def transport_failure(exc: httpx.TransportError) -> UpstreamUnreachable:
 
 def upstream_error(response: httpx.Response) -> UpstreamError:
     """An UpstreamError from any error response; Twilio's JSON body is used when it has one."""
-    body: Any = None
-    try:
-        body = response.json()
-    except ValueError:
-        pass
-    if not isinstance(body, dict):
-        body = {}
+    body = json_object(response) or {}
     code = body.get("code")
     message = body.get("message")
     more_info = body.get("more_info")
