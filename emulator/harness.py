@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -122,6 +123,11 @@ class FacadeProcess:
 
     def metrics(self) -> str:
         return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics").text
+
+    def metric(self, sample: str) -> float:
+        """The value of one exported sample (name with its labels), 0 when not exported yet."""
+        match = re.search(rf"^{re.escape(sample)} (\S+)$", self.metrics(), re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
 
     def logs(self) -> str:
         return self.log_path.read_text()

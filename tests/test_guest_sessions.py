@@ -38,11 +38,6 @@ def creates(upstream: EmulatorProcess) -> list[dict[str, Any]]:
     return [r for r in upstream.requests() if r["path"] == "/v2/WebChats"]
 
 
-def metric(facade: FacadeProcess, sample: str) -> float:
-    match = re.search(rf"^{re.escape(sample)} (\S+)$", facade.metrics(), re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
-
-
 def test_create_issues_a_token_and_posts_the_first_message_as_the_guest(
     guest_facade: FacadeProcess, upstream: EmulatorProcess
 ) -> None:
@@ -61,8 +56,8 @@ def test_create_issues_a_token_and_posts_the_first_message_as_the_guest(
     assert posted["headers"]["X-Twilio-Webhook-Enabled"] == "true"
     assert posted["headers"]["Content-Type"] == "application/x-www-form-urlencoded"
     assert posted["status"] == 201
-    assert metric(guest_facade, 'flexwebchat_guest_tokens_issued_total{via="create"}') == 1
-    assert metric(guest_facade, 'flexwebchat_initial_messages_total{outcome="posted"}') == 1
+    assert guest_facade.metric('flexwebchat_guest_tokens_issued_total{via="create"}') == 1
+    assert guest_facade.metric('flexwebchat_initial_messages_total{outcome="posted"}') == 1
 
 
 def test_without_issue_token_or_message_nothing_extra_happens(
@@ -82,7 +77,7 @@ def test_refresh_answers_a_new_token_for_the_same_guest(guest_facade: FacadeProc
     assert refreshed.access_token_expires_at.seconds >= first.access_token_expires_at.seconds
     # The refreshed token refreshes in turn.
     assert guest_facade.refresh(refreshed.access_token).identity == first.identity
-    assert metric(guest_facade, 'flexwebchat_guest_tokens_issued_total{via="refresh"}') == 2
+    assert guest_facade.metric('flexwebchat_guest_tokens_issued_total{via="refresh"}') == 2
 
 
 def forged(secret: str = API_SECRET, **claims: Any) -> str:
@@ -116,9 +111,7 @@ def test_refresh_refuses_forged_foreign_and_expired_tokens(
     assert status["code"] == grpc.StatusCode.INVALID_ARGUMENT
     assert [v.field for v in status["BadRequest"].field_violations] == ["access_token"]
     assert status["ErrorInfo"].reason == reason
-    assert (
-        metric(guest_facade, f'flexwebchat_token_refresh_refused_total{{reason="{reason}"}}') == 1
-    )
+    assert guest_facade.metric(f'flexwebchat_token_refresh_refused_total{{reason="{reason}"}}') == 1
 
 
 def test_refresh_of_an_empty_token_is_a_field_violation(guest_facade: FacadeProcess) -> None:
@@ -170,7 +163,7 @@ def test_first_message_retries_only_what_twilio_never_processed(
     if not posted:
         warning = [line for line in guest_facade.log_lines() if "first message" in line["msg"]]
         assert warning and warning[0]["level"] == "warning"
-        assert metric(guest_facade, 'flexwebchat_initial_messages_total{outcome="failed"}') == 1
+        assert guest_facade.metric('flexwebchat_initial_messages_total{outcome="failed"}') == 1
 
 
 def test_first_message_to_an_unknown_conversation_is_404_from_the_emulator(
@@ -192,7 +185,7 @@ def test_first_message_does_not_draw_on_the_webchats_rate_budget(
         assert facade.create(initial_message=MESSAGE).initial_message_sid
     assert len(messages(upstream)) == 3
     # One limiter admission per create; none for the messages.
-    assert metric(facade, "flexwebchat_rate_limit_wait_seconds_count") == 3
+    assert facade.metric("flexwebchat_rate_limit_wait_seconds_count") == 3
 
 
 def test_a_replay_mints_a_fresh_token_and_repeats_no_twilio_call(

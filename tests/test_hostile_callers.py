@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 import pytest
 from conftest import ADDRESS_SID, EmulatorProcess, rich_status
 from flexwebchat.v1 import webchat_pb2
@@ -23,12 +22,6 @@ WATCH = "/grpc.health.v1.Health/Watch"
 TOKEN = "tok-billing-0123456789abcdef"
 AUTH = [("authorization", f"Bearer {TOKEN}")]
 REQUEST = webchat_pb2.CreateWebChatRequest(address_sid=ADDRESS_SID)
-
-
-def metric(port: int, sample: str) -> float:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
 
 
 @pytest.fixture
@@ -92,8 +85,8 @@ def test_idle_unauthenticated_streams_cannot_take_the_callers_slots(guarded, ups
     assert sum(1 for line in lines if line["code"] == "UNAUTHENTICATED") == 129
     assert len(upstream.requests()) == 1
     refused = 'flexwebchat_rpcs_total{caller="anonymous",code="RESOURCE_EXHAUSTED",method="Watch"}'
-    assert metric(guarded.metrics_port, refused) == 242
-    assert metric(guarded.metrics_port, "flexwebchat_rpcs_in_flight") == 0
+    assert guarded.metric(refused) == 242
+    assert guarded.metric("flexwebchat_rpcs_in_flight") == 0
 
 
 def test_the_concurrency_limit_is_logged_and_counted(
@@ -132,7 +125,7 @@ def test_the_concurrency_limit_is_logged_and_counted(
     sample = (
         'flexwebchat_rpcs_total{caller="billing",code="RESOURCE_EXHAUSTED",method="CreateWebChat"}'
     )
-    assert metric(facade.metrics_port, sample) == 1
+    assert facade.metric(sample) == 1
 
 
 def test_oversized_and_missing_messages_are_logged_and_counted(make_facade, upstream) -> None:
@@ -149,7 +142,7 @@ def test_oversized_and_missing_messages_are_logged_and_counted(make_facade, upst
     assert [line["code"] for line in lines] == ["RESOURCE_EXHAUSTED"] * 2
     assert upstream.requests() == []
     labels = 'caller="anonymous",code="RESOURCE_EXHAUSTED",method="CreateWebChat"'
-    assert metric(facade.metrics_port, f"flexwebchat_rpcs_total{{{labels}}}") == 2
+    assert facade.metric(f"flexwebchat_rpcs_total{{{labels}}}") == 2
 
 
 def test_malformed_protobuf_is_invalid_argument_logged_and_counted(facade, upstream) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import signal
 import socket
 import subprocess
@@ -292,9 +291,7 @@ def _redis(server: RedisProcess) -> Redis:
 
 
 def _shared_state_errors(facade: FacadeProcess) -> float:
-    text = httpx.get(f"http://127.0.0.1:{facade.metrics_port}/metrics").text
-    match = re.search(r"^flexwebchat_shared_state_errors_total (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
+    return facade.metric("flexwebchat_shared_state_errors_total")
 
 
 def test_a_forged_record_is_never_replayed(replica, upstream, redis_server) -> None:
