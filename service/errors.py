@@ -198,6 +198,7 @@ _HTTP_TO_CODE: dict[int, int] = {
     429: code_pb2.RESOURCE_EXHAUSTED,
 }
 _DEFAULT_RETRY_DELAY = 1.0
+_MAX_RETRY_DELAY = 3600.0  # no delay from any source (Twilio, Redis) may overflow a Duration
 # Upstream text is capped so that a status always fits gRPC's 8 KiB metadata limit (as
 # grpc-status-details-bin, base64) with room to spare; past it the caller would get
 # RESOURCE_EXHAUSTED "Stream removed" instead of the real outcome.
@@ -336,7 +337,8 @@ def _error_info(reason: str, domain: str, metadata: dict[str, str]) -> error_det
 
 
 def _retry_info(seconds: float | None) -> error_details_pb2.RetryInfo:
-    delay = max(seconds if seconds is not None else _DEFAULT_RETRY_DELAY, 0.0)
+    delay = seconds if seconds is not None else _DEFAULT_RETRY_DELAY
+    delay = min(max(delay, 0.0), _MAX_RETRY_DELAY) if delay == delay else _DEFAULT_RETRY_DELAY
     whole = int(delay)
     duration = duration_pb2.Duration(seconds=whole, nanos=int((delay - whole) * 1e9))
     return error_details_pb2.RetryInfo(retry_delay=duration)

@@ -249,10 +249,15 @@ class RedisRecords:
             raw = await self._client.get(self._sent_key(key))
         except RedisError as exc:
             raise _unavailable(exc) from None
+        if raw is None:
+            return None
+        now = time.time()
         try:
-            return None if raw is None else float(raw)
+            sent = float(raw)
         except ValueError:
-            return time.time()  # unreadable: as if a request had just been sent
+            return now  # unreadable: as if a request had just been sent
+        # Untrusted: never later than now (nan and inf included), so it cannot hold an id for long.
+        return sent if sent <= now else now
 
     async def release(self, key: str, owner: str) -> None:
         await self._run(self._release, key, owner)

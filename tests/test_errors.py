@@ -78,3 +78,15 @@ def test_facade_errors(error: Exception, code: int, details: set[str]) -> None:
 
 def test_unexpected_errors_do_not_leak_their_text() -> None:
     assert to_status(ValueError("token=abc")).message == "internal error"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"), [(float("inf"), 3600.0), (float("nan"), 1.0), (-5.0, 0.0)]
+)
+def test_a_retry_delay_from_untrusted_state_is_bounded(seconds: float, expected: float) -> None:
+    # An unbounded delay (e.g. read from Redis) once raised OverflowError: UNKNOWN, no log line.
+    status = to_status(RateLimitExceeded(retry_after=seconds))
+    [info] = [d for d in status.details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+    retry = error_details_pb2.RetryInfo()
+    info.Unpack(retry)
+    assert retry.retry_delay.ToTimedelta().total_seconds() == expected

@@ -15,8 +15,10 @@ from typing import Any
 
 import grpc
 import pytest
+import redis
 from conftest import EmulatorProcess, FacadeProcess, RedisProcess, rich_status
 
+from emulator.app import ACCOUNT_SID
 from emulator.harness import guest_env
 
 # Short timeouts keep the tests quick: a lost answer settles after 2 attempt timeouts (1 s).
@@ -272,3 +274,17 @@ def test_work_that_outlived_its_callers_counts_against_their_quota(
     time.sleep(1.5)  # the two creates land: the quota is free again
     upstream.fault(latency=0.0)
     assert facade.create(timeout=5).conversation_sid
+
+
+@pytest.mark.parametrize("forged", [b"inf", b"1e400", b"9999999999999", b"not a time"])
+def test_a_forged_sent_mark_in_redis_delays_an_id_briefly_never_for_good(
+    make_facade: Any, upstream: EmulatorProcess, redis_server: RedisProcess, forged: bytes
+) -> None:
+    env = {**guest_env(upstream.url), **FAST, "REDIS_URL": redis_server.url}
+    facade = make_facade(upstream.url, **env)
+    request_id = str(uuid.uuid4())
+    client = redis.Redis(port=redis_server.port)
+    client.set(f"flexwebchat:{ACCOUNT_SID.lower()}:sent:{request_id}", forged)
+    # Read as "sent just now": look, wait the settle time (1 s here), look again, then create.
+    reply = facade.create(request_id=request_id, timeout=5)
+    assert upstream.conversations() == {reply.conversation_sid: reply.identity}
