@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import re
 import time
 from typing import Any, cast
@@ -50,11 +51,14 @@ _HEX = re.compile(r"[0-9a-f]+")
 # The arithmetic of service.ratelimit.Gcra, in microseconds of Redis server time.
 # KEYS: schedule. ARGV: interval, tolerance, furthest a legitimate schedule can be ahead. Takes a
 # slot if one is due (returns 0), else returns the microseconds until one is, taking nothing; -1
-# when the stored schedule was garbage or out of range (then it is deleted).
+# when the stored schedule was garbage, of another type or out of range (then it is deleted).
+# redis.pcall: a key of another type (WRONGTYPE) is bad state like any other, never an error
+# that would fail every call for as long as the key lives.
 TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local raw = redis.pcall('GET', KEYS[1])
+local tat = type(raw) ~= 'table' and tonumber(raw or '0') or nil
 if tat == nil or tat > now + tonumber(ARGV[3]) then
   redis.call('DEL', KEYS[1])
   return -1
@@ -67,39 +71,61 @@ redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', idle_ms)
 return 0
 """
 # KEYS: schedule. ARGV: tolerance, penalty. No slot comes due before now + penalty. A garbage or
-# out-of-range schedule is overwritten.
+# out-of-range schedule, or a key of another type, is overwritten.
 PENALIZE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local tat = math.min(tonumber(redis.call('GET', KEYS[1]) or '0') or 0, now)
+local raw = redis.pcall('GET', KEYS[1])
+if type(raw) == 'table' then raw = false end
+local tat = math.min(tonumber(raw or '0') or 0, now)
 local new_tat = math.max(tat, now + tonumber(ARGV[2]) + tonumber(ARGV[1]))
 local idle_ms = math.ceil((new_tat - now) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', idle_ms)
 return 0
 """
 # Idempotency records are JSON; only their owner may refresh, complete or release a pending one.
-REFRESH = """
-local v = redis.call('GET', KEYS[1])
-if v and cjson.decode(v).owner == ARGV[1] and not cjson.decode(v).done then
+# RECORD reads the one at KEYS[1]: nil when there is none, or what is there is not a record (not
+# JSON, or a key of another type), so such a key never turns into a script error.
+RECORD = """
+local function record()
+  local v = redis.pcall('GET', KEYS[1])
+  if type(v) ~= 'string' then return nil end
+  local ok, decoded = pcall(cjson.decode, v)
+  if ok and type(decoded) == 'table' then return decoded end
+  return nil
+end
+"""
+REFRESH = (
+    RECORD
+    + """
+local r = record()
+if r and r.owner == ARGV[1] and not r.done then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """
-COMPLETE = """
-local v = redis.call('GET', KEYS[1])
-if (not v) or cjson.decode(v).owner == ARGV[1] then
+)
+COMPLETE = (
+    RECORD
+    + """
+local r = record()
+if (not r) or r.owner == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 1
 end
 return 0
 """
-RELEASE = """
-local v = redis.call('GET', KEYS[1])
-if v and cjson.decode(v).owner == ARGV[1] and not cjson.decode(v).done then
+)
+RELEASE = (
+    RECORD
+    + """
+local r = record()
+if r and r.owner == ARGV[1] and not r.done then
   return redis.call('DEL', KEYS[1])
 end
 return 0
 """
+)
 
 
 async def connect_shared_state(
@@ -122,7 +148,10 @@ async def connect_shared_state(
         key = f"{PREFIX}:{{{settings.account_sid.lower()}}}:ratelimit"
         schedule = RedisSchedule(client, key, settings.rate_limit_rps, settings.rate_limit_burst)
         limiter = RateLimiter(schedule, schedule.gcra.interval)
-    return limiter, RedisRecords(client, record_key(settings), settings.account_sid.lower())
+    records = RedisRecords(
+        client, record_key(settings), settings.account_sid.lower(), settings.idempotency_ttl
+    )
+    return limiter, records
 
 
 def record_key(settings: Settings) -> bytes:
@@ -189,9 +218,12 @@ class RedisSchedule:
 class RedisRecords:
     """Idempotency records; a pending lock expires unless its owner's heartbeat renews it."""
 
-    def __init__(self, client: aioredis.Redis, mac_key: bytes, account: str) -> None:
+    def __init__(
+        self, client: aioredis.Redis, mac_key: bytes, account: str, mark_ttl: float
+    ) -> None:
         self._client = client
         self._mac_key = mac_key
+        self._mark_ttl = mark_ttl  # how long a rewritten sent mark lives, as mark_sent's
         # Per account: two deployments sharing one Redis never see each other's request_ids.
         self._prefix = f"{PREFIX}:{account}"
         self._refresh = client.register_script(REFRESH)
@@ -207,18 +239,20 @@ class RedisRecords:
             existing = await self._client.set(
                 self._key(key), self._encode(key, record), nx=True, px=_ms(lock_seconds), get=True
             )
-        except RedisError as exc:
-            raise _unavailable(exc) from None
-        if existing is None:
-            return None
-        try:
+            if existing is None:
+                return None
             return self._decode(key, cast(bytes, existing))
-        except ValueError as exc:
-            # Not ours, or damaged: never replay it. An expiry (if it had none) lets the id
-            # recover once a dead owner's lock would have expired.
+        except (ValueError, ResponseError) as exc:
+            if isinstance(exc, RedisError) and not _wrong_type(exc):
+                raise _unavailable(exc) from None
+            # Not ours, damaged or not even a string: never replay it. An expiry (if it had
+            # none) lets the id recover once a dead owner's lock would have expired.
             with contextlib.suppress(RedisError):
                 await self._client.pexpire(self._key(key), _ms(lock_seconds), nx=True)
-            raise _untrusted(f"an idempotency record {exc}") from None
+            reason = "is of another type" if isinstance(exc, RedisError) else str(exc)
+            raise _untrusted(f"an idempotency record {reason}") from None
+        except RedisError as exc:
+            raise _unavailable(exc) from None
 
     async def refresh(self, key: str, owner: str, lock_seconds: float) -> None:
         await self._run(self._refresh, key, owner, _ms(lock_seconds))
@@ -245,8 +279,15 @@ class RedisRecords:
             raise _unavailable(exc) from None
 
     async def sent_by(self, key: str) -> float | None:
+        """Untrusted: a mark that is unreadable, of another type or later than now (nan and inf
+        included) is read as "sent just now" and rewritten as such, with an expiry, so that it
+        delays the id by one settle time at most, never for good."""
         try:
             raw = await self._client.get(self._sent_key(key))
+        except ResponseError as exc:
+            if not _wrong_type(exc):
+                raise _unavailable(exc) from None
+            raw = b"another type"
         except RedisError as exc:
             raise _unavailable(exc) from None
         if raw is None:
@@ -255,9 +296,11 @@ class RedisRecords:
         try:
             sent = float(raw)
         except ValueError:
-            return now  # unreadable: as if a request had just been sent
-        # Untrusted: never later than now (nan and inf included), so it cannot hold an id for long.
-        return sent if sent <= now else now
+            sent = math.nan
+        if sent <= now:
+            return sent
+        await self.mark_sent(key, now, self._mark_ttl)
+        return now
 
     async def release(self, key: str, owner: str) -> None:
         await self._run(self._release, key, owner)
@@ -343,6 +386,11 @@ def _untrusted(reason: str) -> SharedStateUnavailable:
     obs.SHARED_STATE_ERRORS.inc()
     log.error("untrusted shared state", extra={"fields": {"error": reason}})
     return SharedStateUnavailable(reason)
+
+
+def _wrong_type(exc: RedisError) -> bool:
+    """A key holding another type (a list, a hash): bad state, not an unreachable Redis."""
+    return str(exc).startswith("WRONGTYPE")
 
 
 def _us(seconds: float) -> int:

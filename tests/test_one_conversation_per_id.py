@@ -276,15 +276,30 @@ def test_work_that_outlived_its_callers_counts_against_their_quota(
     assert facade.create(timeout=5).conversation_sid
 
 
-@pytest.mark.parametrize("forged", [b"inf", b"1e400", b"9999999999999", b"not a time"])
+@pytest.mark.parametrize(
+    "forged",
+    [b"inf", b"1e400", b"9999999999999", b"not a time", ["a list"]],
+    ids=["inf", "1e400", "far ahead", "not a time", "a list"],
+)
 def test_a_forged_sent_mark_in_redis_delays_an_id_briefly_never_for_good(
-    make_facade: Any, upstream: EmulatorProcess, redis_server: RedisProcess, forged: bytes
+    make_facade: Any, upstream: EmulatorProcess, redis_server: RedisProcess, forged: Any
 ) -> None:
     env = {**guest_env(upstream.url), **FAST, "REDIS_URL": redis_server.url}
     facade = make_facade(upstream.url, **env)
     request_id = str(uuid.uuid4())
     client = redis.Redis(port=redis_server.port)
-    client.set(f"flexwebchat:{ACCOUNT_SID.lower()}:sent:{request_id}", forged)
-    # Read as "sent just now": look, wait the settle time (1 s here), look again, then create.
-    reply = facade.create(request_id=request_id, timeout=5)
+    key = f"flexwebchat:{ACCOUNT_SID.lower()}:sent:{request_id}"
+    if isinstance(forged, list):
+        client.rpush(key, *forged)
+    else:
+        client.set(key, forged)  # no expiry, like the list
+    # Read as "sent just now" once: a caller whose deadline cannot wait the settle time (1 s
+    # here) is told when to retry, and the retry is not put off again.
+    with pytest.raises(grpc.RpcError) as caught:
+        facade.create(request_id=request_id, timeout=0.5)
+    status = rich_status(caught.value)
+    assert status["code"] == grpc.StatusCode.UNAVAILABLE and "RetryInfo" in status
+    assert client.pttl(key) > 0  # rewritten as a readable mark, with an expiry
+    time.sleep(1.0)
+    reply = facade.create(request_id=request_id, timeout=2)
     assert upstream.conversations() == {reply.conversation_sid: reply.identity}

@@ -318,24 +318,34 @@ def test_a_forged_record_is_never_replayed(replica, upstream, redis_server) -> N
     assert upstream.requests() == []
 
 
-def test_garbage_at_a_key_is_unavailable_then_expires(replica, upstream, redis_server) -> None:
+@pytest.mark.parametrize("kind", ["garbage", "a list"])
+def test_garbage_at_a_key_is_unavailable_then_expires(
+    replica, upstream, redis_server, kind: str
+) -> None:
     request_id = str(uuid.uuid4())
-    _redis(redis_server).set(
-        f"flexwebchat:{ACCOUNT_SID.lower()}:idempotency:{request_id}", b"\xff not json"
-    )
+    key = f"flexwebchat:{ACCOUNT_SID.lower()}:idempotency:{request_id}"
+    if kind == "garbage":
+        _redis(redis_server).set(key, b"\xff not json")
+    else:  # a key of another type: WRONGTYPE for every command the facade sends it
+        _redis(redis_server).rpush(key, b"x")
     with pytest.raises(grpc.RpcError) as caught:
         replica.create(request_id=request_id)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert _shared_state_errors(replica) == 1
     assert "Traceback" not in replica.logs()
     time.sleep(1.1)  # the lock time given to the key
     assert replica.create(request_id=request_id).conversation_sid.startswith("CH")
 
 
-def test_a_schedule_pushed_far_ahead_is_reset(replica, upstream, redis_server) -> None:
+@pytest.mark.parametrize("kind", ["an hour ahead", "a hash"])
+def test_a_schedule_pushed_far_ahead_is_reset(replica, upstream, redis_server, kind: str) -> None:
     client = _redis(redis_server)
-    seconds, micros = client.time()
-    an_hour_ahead = (seconds + 3600) * 1_000_000 + micros
-    client.set(f"flexwebchat:{{{ACCOUNT_SID.lower()}}}:ratelimit", an_hour_ahead)
+    key = f"flexwebchat:{{{ACCOUNT_SID.lower()}}}:ratelimit"
+    if kind == "a hash":
+        client.hset(key, "tat", 0)
+    else:
+        seconds, micros = client.time()
+        client.set(key, (seconds + 3600) * 1_000_000 + micros)
     with pytest.raises(grpc.RpcError) as caught:
         replica.create()
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
