@@ -87,6 +87,8 @@ class Settings:
     max_connection_age: float = 300.0
     max_connections: int = 1000
     max_connection_idle: float = 120.0
+    unauthenticated_connection_grace: float = 10.0
+    max_unauthenticated_per_peer: int = 16
     request_message_timeout: float = 10.0
     # Caller authentication (off unless configured)
     tls_cert_file: str = ""
@@ -145,6 +147,12 @@ class Settings:
             max_connections=int(reader.number("GRPC_MAX_CONNECTIONS", 1000, minimum=1)),
             max_connection_idle=reader.number(
                 "GRPC_MAX_CONNECTION_IDLE_SECONDS", 120.0, minimum=1.0
+            ),
+            unauthenticated_connection_grace=reader.number(
+                "GRPC_UNAUTHENTICATED_CONNECTION_SECONDS", 10.0, minimum=1.0
+            ),
+            max_unauthenticated_per_peer=int(
+                reader.number("GRPC_MAX_UNAUTHENTICATED_CONNECTIONS_PER_PEER", 16, minimum=1)
             ),
             request_message_timeout=reader.number(
                 "GRPC_REQUEST_MESSAGE_TIMEOUT_SECONDS", 10.0, minimum=0.1

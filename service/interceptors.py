@@ -102,10 +102,12 @@ class RpcObserver(grpc.aio.ServerInterceptor):
         tokens: CallerTokens | None = None,
         limits: Limits | None = None,
         client_names: frozenset[str] = frozenset(),
+        on_authenticated: Callable[[str], None] | None = None,
     ) -> None:
         self._tokens = tokens
         self._limits = limits or Limits()
         self._client_names = client_names
+        self._on_authenticated = on_authenticated  # given the peer's address
         self._slots = Slots(self._limits.max_concurrent_rpcs)
         self._public = Slots(self._limits.max_public_streams)
 
@@ -160,6 +162,8 @@ class RpcObserver(grpc.aio.ServerInterceptor):
             try:
                 if not public:
                     record.caller = self._caller(metadata, context)
+                    if self._on_authenticated is not None:
+                        self._on_authenticated(context.peer())
                 if not slots.take():
                     raise ServerLimit(
                         "CONCURRENCY_LIMIT",

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from . import tracing
 from .auth import CallerTokens, server_credentials
 from .config import ConfigError, Settings
+from .connections import UnauthenticatedConnections
 from .conversations import ConversationsClient
 from .flex import FlexClient
 from .idempotency import IdempotencyStore, LocalRecords, RecordBackend
@@ -51,7 +52,8 @@ class Facade:
     health_server: grpc.aio.Server | None = None
     metrics: MetricsServer | None = None
     flush_traces: Callable[[], None] | None = None
-    readiness: asyncio.Task[None] | None = None
+    # Readiness waiting for Redis, the connection sweep: cancelled by stop()
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
     async def start(cls, settings: Settings) -> Facade:
@@ -78,12 +80,24 @@ class Facade:
             message_timeout=settings.request_message_timeout,
             max_message_bytes=settings.max_message_bytes,
         )
+        warden = None
+        if (
+            tokens is not None or settings.tls_client_names
+        ) and UnauthenticatedConnections.available():
+            warden = UnauthenticatedConnections(
+                set(),
+                settings.unauthenticated_connection_grace,
+                settings.max_unauthenticated_per_peer,
+            )
         # No maximum_concurrent_rpcs: the interceptor enforces the limit after authentication,
         # and logs and counts its refusals.
-        server = grpc.aio.server(
-            interceptors=[RpcObserver(tokens, limits, settings.tls_client_names)],
-            options=_channel_options(settings),
+        observer = RpcObserver(
+            tokens,
+            limits,
+            settings.tls_client_names,
+            on_authenticated=warden.authenticated if warden is not None else None,
         )
+        server = grpc.aio.server(interceptors=[observer], options=_channel_options(settings))
         webchat_pb2_grpc.add_WebChatServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -97,6 +111,10 @@ class Facade:
             except OSError as exc:
                 raise ConfigError(f"METRICS_PORT={settings.metrics_port}: {exc.strerror}") from None
         port = _listen(server, "GRPC_PORT", settings.grpc_host, settings.grpc_port, credentials)
+        background = []
+        if warden is not None:
+            warden.ports.add(port)
+            background.append(asyncio.create_task(warden.run()))
         health_server = None
         if settings.health_port:
             # The kubelet's gRPC probe speaks plaintext only: with TLS on, health is served
@@ -116,12 +134,11 @@ class Facade:
         # "" is liveness (the process is up); the service's own name is readiness, which waits
         # for shared state to have answered once (see RedisRecords.first_answer).
         await health_servicer.set("", SERVING)
-        readiness = None
         if first_answer is None:
             await health_servicer.set(SERVICE_NAME, SERVING)
         else:
             await health_servicer.set(SERVICE_NAME, NOT_SERVING)
-            readiness = asyncio.create_task(_ready_after(first_answer, health_servicer))
+            background.append(asyncio.create_task(_ready_after(first_answer, health_servicer)))
 
         log.info(
             "serving",
@@ -153,15 +170,15 @@ class Facade:
             health_server,
             metrics,
             flush_traces,
-            readiness,
+            background,
         )
 
     async def stop(self, *, at_once: bool = False) -> None:
         """Drain: NOT_SERVING at once, keep serving while endpoints update, let in-flight RPCs
         finish within the grace period, then close the HTTP client and shared state. With
         ``at_once`` (a second signal), in-flight RPCs and requests at Twilio are cut instead."""
-        if self.readiness is not None:
-            self.readiness.cancel()
+        for task in self.background:
+            task.cancel()
         await self.health.enter_graceful_shutdown()
         if not at_once:
             log.info("draining", extra={"fields": {"delay_s": self.settings.shutdown_delay}})

@@ -264,6 +264,65 @@ def test_a_connection_flood_is_capped_and_timed_out(make_facade, upstream) -> No
     assert facade.create().conversation_sid.startswith("CH")
 
 
+def test_clients_without_a_token_cannot_hold_the_connection_slots(
+    make_facade, tmp_path: Path, upstream: EmulatorProcess
+) -> None:
+    """A health Check now and then keeps a connection from ever being idle. Without a token, it
+    keeps it no longer than GRPC_UNAUTHENTICATED_CONNECTION_SECONDS, and one peer keeps no more
+    than its share; connections that authenticated are never closed."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"billing:{TOKEN}\n")
+    facade = make_facade(
+        upstream.url,
+        AUTH_TOKENS_FILE=str(tokens),
+        GRPC_MAX_CONNECTIONS="12",
+        GRPC_UNAUTHENTICATED_CONNECTION_SECONDS="1",
+        GRPC_MAX_UNAUTHENTICATED_CONNECTIONS_PER_PEER="4",
+    )
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]
+    create = grpc.insecure_channel(facade.target, options=own_connection).unary_unary(CREATE)
+    assert create(REQUEST.SerializeToString(), metadata=AUTH, timeout=5)  # connected first
+    attackers = [grpc.insecure_channel(facade.target, options=own_connection) for _ in range(16)]
+    stop = threading.Event()
+
+    def ping() -> None:  # every attacker connection is busy once a second: never idle
+        while not stop.is_set():
+            for channel in attackers:
+                check = channel.unary_unary("/grpc.health.v1.Health/Check")
+                try:
+                    check(b"", timeout=0.5)
+                except grpc.RpcError:
+                    pass
+            stop.wait(1.0)
+
+    pinger = threading.Thread(target=ping)
+    pinger.start()
+    try:
+        time.sleep(1.5)  # the attackers fill every free slot
+        served_new = 0
+        for _ in range(10):
+            assert create(REQUEST.SerializeToString(), metadata=AUTH, timeout=5)
+            newcomer = grpc.insecure_channel(facade.target, options=own_connection)
+            try:
+                newcomer.unary_unary(CREATE)(
+                    REQUEST.SerializeToString(), metadata=AUTH, timeout=3, wait_for_ready=True
+                )
+                served_new += 1
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            finally:
+                newcomer.close()
+    finally:
+        stop.set()
+        pinger.join()
+        for channel in attackers:
+            channel.close()
+    assert served_new > 0  # before: never, the attackers held every slot for good
+    assert facade.metric('flexwebchat_connections_closed_total{reason="unauthenticated"}') > 0
+    assert facade.metric('flexwebchat_connections_closed_total{reason="per_peer"}') > 0
+    assert "closed connections that did not authenticate" in facade.logs()
+
+
 def _closed_by_peer(sock: socket.socket) -> bool:
     if sock.fileno() < 0:
         return True
@@ -391,3 +450,36 @@ def test_the_health_port_caps_streams_too(make_facade, upstream) -> None:
         assert conn.status(check).get("grpc-status") == "0"  # probes still answered
     finally:
         conn.close()
+
+
+async def test_the_sweep_finds_ipv4_and_ipv6_callers_of_a_dual_stack_port() -> None:
+    """gRPC names a peer ``ipv4:10.0.0.1:5000`` or ``ipv6:%5B::1%5D:5000``; a socket on ``[::]``
+    sees an IPv4 caller as ``::ffff:10.0.0.1``. Both must name the same connection, or an
+    authenticated caller's connection would be taken for a stranger's and closed."""
+    from service.connections import UnauthenticatedConnections
+
+    peers: list[str] = []
+
+    async def answer(request: bytes, context: Any) -> bytes:
+        peers.append(context.peer())
+        return request
+
+    server = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(answer)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("x.Y", {"Z": handler})])
+    port = server.add_insecure_port("[::]:0")
+    await server.start()
+    try:
+        for host in ("127.0.0.1", "[::1]"):
+            sweep = UnauthenticatedConnections({port}, grace=1.0, per_peer=1)
+            async with grpc.aio.insecure_channel(f"{host}:{port}") as channel:
+                await channel.unary_unary("/x.Y/Z")(b"")
+                sweep.authenticated(peers[-1])
+                assert sweep.sweep(time.monotonic() + 60) == 0, peers[-1]  # kept, long after
+                assert await channel.unary_unary("/x.Y/Z")(b"again") == b"again"
+            async with grpc.aio.insecure_channel(f"{host}:{port}") as stranger:
+                await stranger.unary_unary("/x.Y/Z")(b"")
+                sweep.sweep(time.monotonic())
+                assert sweep.sweep(time.monotonic() + 1.0) == 1  # closed at the grace
+    finally:
+        await server.stop(None)
