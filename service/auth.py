@@ -28,6 +28,9 @@ from .config import ConfigError, Settings
 from .errors import Unauthenticated
 
 log = logging.getLogger("flexwebchat.auth")
+# The caller when callers are not authenticated. Reserved: a token or certificate by this name
+# would share the idempotency records of every unauthenticated caller (webchat.record_key).
+ANONYMOUS = "anonymous"
 
 RELOAD_CHECK_SECONDS = 1.0
 
@@ -117,6 +120,9 @@ def _parse_tokens(raw: bytes) -> tuple[list[tuple[str, bytes]], list[str]]:
                 f"line {number}: expected 'name:token' with a token of at least 16 characters"
             )
             continue
+        if name.strip() == ANONYMOUS:
+            problems.append(f"line {number}: the name {ANONYMOUS!r} is reserved")
+            continue
         tokens.append((name.strip(), token.strip().encode()))
     return tokens, problems
 
@@ -199,6 +205,8 @@ def _configuration(contents: list[bytes]) -> grpc.ServerCertificateConfiguration
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """TLS credentials for the gRPC port, or None for plaintext."""
+    if ANONYMOUS in settings.tls_client_names:
+        raise ConfigError(f"TLS_CLIENT_NAMES: the name {ANONYMOUS!r} is reserved")
     if settings.tls_client_names and not settings.tls_client_ca_file:
         raise ConfigError("TLS_CLIENT_NAMES needs TLS_CLIENT_CA_FILE (mutual TLS)")
     if not (settings.tls_cert_file or settings.tls_key_file):

@@ -32,7 +32,7 @@ from grpc_status import rpc_status
 
 from . import observability as obs
 from . import tracing
-from .auth import CallerTokens
+from .auth import ANONYMOUS, CallerTokens
 from .errors import (
     DeadlineExceeded,
     FacadeError,
@@ -205,7 +205,9 @@ class RpcObserver(grpc.aio.ServerInterceptor):
         name = _certificate_name(context)
         if self._client_names and name not in self._client_names:
             raise Unauthenticated("the client certificate's name is not allowed")
-        return name or "anonymous"
+        if name == ANONYMOUS:
+            raise Unauthenticated(f"the client certificate's name {ANONYMOUS!r} is reserved")
+        return name or ANONYMOUS
 
     @staticmethod
     def _finish(record: obs.RpcRecord, code: str, message: str, span: Any) -> None:

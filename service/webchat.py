@@ -13,6 +13,7 @@ from google.rpc import status_pb2
 
 from . import execution
 from . import observability as obs
+from .auth import ANONYMOUS
 from .config import Settings
 from .conversations import ConversationsClient
 from .deadline import Deadline
@@ -44,8 +45,6 @@ RefreshContext: TypeAlias = (
     "grpc.aio.ServicerContext[webchat_pb2.RefreshGuestTokenRequest, "
     "webchat_pb2.RefreshGuestTokenResponse]"
 )
-
-ANONYMOUS = "anonymous"  # the caller's name when callers are not authenticated (RpcRecord)
 
 
 class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):

@@ -287,6 +287,22 @@ def test_revocation_applies_beside_a_bad_line(token_facade) -> None:
     assert "tok-support" not in facade.logs()
 
 
+def test_the_name_anonymous_is_reserved(token_facade, upstream) -> None:
+    """Unauthenticated callers' idempotency records are filed under "anonymous": a token by that
+    name (e.g. after auth was turned on over a shared Redis) would replay them."""
+    facade, tokens = token_facade
+    tokens.write_text("billing:tok-billing-0123456789abcdef\nanonymous:tok-anon-0123456789abcdef\n")
+    time.sleep(1.1)
+    with pytest.raises(grpc.RpcError) as caught:
+        facade.stub.CreateWebChat(
+            REQUEST, metadata=[("authorization", "Bearer tok-anon-0123456789abcdef")], timeout=5
+        )
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    [error] = [line for line in facade.log_lines() if line["level"] == "error"]
+    assert "line 2" in error["error"] and "reserved" in error["error"]
+    assert upstream.requests() == []
+
+
 @pytest.mark.parametrize("change", ["emptied", "deleted"])
 def test_an_emptied_or_deleted_token_file_denies_every_call(token_facade, change: str) -> None:
     facade, tokens = token_facade

@@ -140,6 +140,8 @@ def test_loopback_http_is_allowed_for_the_emulator() -> None:
             },
             "TWILIO_ACCOUNT_SID is required with TWILIO_API_KEY when REDIS_URL is set",
         ),
+        # Unauthenticated callers' records are filed under "anonymous".
+        ({"TLS_CLIENT_NAMES": "billing,anonymous"}, "TLS_CLIENT_NAMES: the name 'anonymous'"),
     ],
 )
 def test_startup_refuses_with_one_line_and_nonzero_exit(env: dict[str, str], reason: str) -> None:
