@@ -12,16 +12,19 @@ clients out for good. With caller authentication on, the facade therefore closes
   chance to authenticate).
 
 A connection that has made one authenticated call is never closed here, so no call that could have
-reached Twilio is ever cut. gRPC has no API for closing a server connection: the facade finds the
-sockets of its own listening ports among the process's file descriptors (Linux ``/proc``) and shuts
-them down, which gRPC sees as the client going away. What this cannot do is stop a peer that keeps
-reconnecting from competing for free slots: the NetworkPolicy (only labelled callers reach the
-port) and mutual TLS (no handshake without a certificate) are what keep strangers out.
+reached Twilio is ever cut. gRPC has no API for closing a server connection: the facade reads
+its listening ports' connections from the kernel's TCP tables (Linux ``/proc``), finds the
+descriptors of those it closes, and shuts them down, which gRPC sees as the client going away.
+What this cannot do is stop a peer that keeps reconnecting from competing for free slots: the
+NetworkPolicy (only labelled callers reach the port) and mutual TLS (no handshake without a
+certificate) are what keep strangers out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -36,6 +39,8 @@ log = logging.getLogger("flexwebchat.connections")
 
 Peer = tuple[str, int]  # normalized address, port
 FD_DIR = "/proc/self/fd"
+TCP_TABLES = ("/proc/self/net/tcp", "/proc/self/net/tcp6")
+LISTEN = "0A"  # the state column of a listening socket
 
 
 class UnauthenticatedConnections:
@@ -61,75 +66,94 @@ class UnauthenticatedConnections:
         while True:
             await asyncio.sleep(self._interval)
             try:
-                self.sweep(time.monotonic())
+                # The kernel's tables are read off the event loop: at 1000 connections that takes
+                # a few milliseconds, mostly in the kernel.
+                live = await asyncio.to_thread(_connections, self.ports)
+                self.sweep(time.monotonic(), live)
             except OSError as exc:  # never let a sweep failure stop the next one
                 log.warning("connection sweep failed", extra={"fields": {"error": str(exc)}})
 
-    def sweep(self, now: float) -> int:
-        """Closes what the module docstring says; returns how many connections it closed."""
-        live = _connections(self.ports)
-        try:
-            self._first_seen = {p: self._first_seen.get(p, now) for p in live}
-            self._authenticated = {p for p in self._authenticated if p in live}
-            waiting = sorted(
-                (p for p in live if p not in self._authenticated), key=self._first_seen.__getitem__
-            )
-            by_host: dict[str, list[Peer]] = defaultdict(list)
-            close: dict[Peer, str] = {}
-            for peer in waiting:
-                if now - self._first_seen[peer] >= self._grace:
-                    close[peer] = "unauthenticated"
-                else:
-                    by_host[peer[0]].append(peer)
-            for peers in by_host.values():
-                for peer in peers[: max(len(peers) - self._per_peer, 0)]:
-                    close[peer] = "per_peer"
-            for peer, reason in close.items():
-                try:
-                    live[peer].shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    continue  # already gone
+    def sweep(self, now: float, live: dict[Peer, int] | None = None) -> int:
+        """Closes what the module docstring says, among the ``live`` connections (else read
+        now); returns how many connections it closed."""
+        live = _connections(self.ports) if live is None else live
+        self._first_seen = {p: self._first_seen.get(p, now) for p in live}
+        self._authenticated = {p for p in self._authenticated if p in live}
+        waiting = sorted(
+            (p for p in live if p not in self._authenticated), key=self._first_seen.__getitem__
+        )
+        by_host: dict[str, list[Peer]] = defaultdict(list)
+        close: dict[Peer, str] = {}
+        for peer in waiting:
+            if now - self._first_seen[peer] >= self._grace:
+                close[peer] = "unauthenticated"
+            else:
+                by_host[peer[0]].append(peer)
+        for peers in by_host.values():
+            for peer in peers[: max(len(peers) - self._per_peer, 0)]:
+                close[peer] = "per_peer"
+        closed = _shut_down({live[peer] for peer in close})
+        for peer, reason in close.items():
+            if live[peer] in closed:
                 obs.CONNECTIONS_CLOSED.labels(reason=reason).inc()
-            obs.GRPC_CONNECTIONS.labels(state="authenticated").set(len(self._authenticated))
-            obs.GRPC_CONNECTIONS.labels(state="unauthenticated").set(len(waiting) - len(close))
-            if close:
-                log.warning(
-                    "closed connections that did not authenticate",
-                    extra={"fields": {"closed": len(close), "open": len(live) - len(close)}},
-                )
-            return len(close)
-        finally:
-            for sock in live.values():
-                sock.close()  # our duplicate of the descriptor only
+        obs.GRPC_CONNECTIONS.labels(state="authenticated").set(len(self._authenticated))
+        obs.GRPC_CONNECTIONS.labels(state="unauthenticated").set(len(waiting) - len(closed))
+        if closed:
+            log.warning(
+                "closed connections that did not authenticate",
+                extra={"fields": {"closed": len(closed), "open": len(live) - len(closed)}},
+            )
+        return len(closed)
 
 
-def _connections(ports: set[int]) -> dict[Peer, socket.socket]:
-    """The accepted TCP connections on ``ports``, by peer, each as a duplicate descriptor."""
-    found: dict[Peer, socket.socket] = {}
+def _connections(ports: set[int]) -> dict[Peer, int]:
+    """The accepted TCP connections on ``ports``: each peer's socket inode, from the kernel's
+    tables (one read each, however many descriptors the process has)."""
+    wanted = {f"{port:04X}" for port in ports}
+    found: dict[Peer, int] = {}
+    for table in TCP_TABLES:
+        try:
+            with open(table) as rows:
+                next(rows, None)  # the header
+                for row in rows:
+                    # sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+                    if row.split(None, 2)[1][-4:] not in wanted:
+                        continue
+                    fields = row.split()
+                    remote, state, inode = fields[2], fields[3], fields[9]
+                    if state != LISTEN and inode != "0":
+                        host, _, port = remote.partition(":")
+                        found[(_from_hex(host), int(port, 16))] = int(inode)
+        except OSError:
+            continue  # no IPv6, say
+    return found
+
+
+def _shut_down(inodes: set[int]) -> set[int]:
+    """Shuts down the process's sockets with these inodes; returns those it did."""
+    done: set[int] = set()
+    if not inodes:
+        return done
     for name in os.listdir(FD_DIR):
         try:
-            if not os.readlink(f"{FD_DIR}/{name}").startswith("socket:"):
+            link = os.readlink(f"{FD_DIR}/{name}")  # socket:[inode]
+            if not (link.startswith("socket:[") and int(link[8:-1]) in inodes):
                 continue
             fd = os.dup(int(name))
-        except OSError:
+        except (OSError, ValueError):
             continue  # closed since the listing
         try:
             sock = socket.socket(fileno=fd)
         except OSError:
-            os.close(fd)  # replaced by something else since the readlink
+            os.close(fd)  # no longer a socket: the number was reused meanwhile
             continue
-        try:
-            if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6):
-                if sock.getsockname()[1] in ports:
-                    host, port = sock.getpeername()[:2]
-                    peer = (_normalize(host), port)
-                    if peer not in found:
-                        found[peer] = sock
-                        continue
-        except OSError:
-            pass  # a listener has no peer; or it closed meanwhile
-        sock.close()
-    return found
+        with sock:  # closes our duplicate only
+            inode = os.fstat(fd).st_ino  # the number may have been reused meanwhile, too
+            if inode in inodes and inode not in done:
+                with contextlib.suppress(OSError):  # already gone
+                    sock.shutdown(socket.SHUT_RDWR)
+                    done.add(inode)
+    return done
 
 
 def _parse_peer(peer: str) -> Peer | None:
@@ -142,6 +166,15 @@ def _parse_peer(peer: str) -> Peer | None:
         return _normalize(host.strip("[]")), int(port)
     except ValueError:
         return None
+
+
+@functools.lru_cache(maxsize=4096)  # callers' addresses are few; each is parsed once
+def _from_hex(host: str) -> str:
+    """An address as the kernel's tables write it: 32-bit words, each in host byte order."""
+    raw = bytes.fromhex(host)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+    return _normalize(socket.inet_ntop(family, words))
 
 
 def _normalize(host: str) -> str:
