@@ -59,7 +59,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local raw = redis.pcall('GET', KEYS[1])
 local tat = type(raw) ~= 'table' and tonumber(raw or '0') or nil
-if tat == nil or tat > now + tonumber(ARGV[3]) then
+if tat == nil or tat ~= tat or tat > now + tonumber(ARGV[3]) then  -- tat ~= tat: nan
   redis.call('DEL', KEYS[1])
   return -1
 end
@@ -77,7 +77,9 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local raw = redis.pcall('GET', KEYS[1])
 if type(raw) == 'table' then raw = false end
-local tat = math.min(tonumber(raw or '0') or 0, now)
+local tat = tonumber(raw or '0') or 0
+if tat ~= tat then tat = 0 end  -- nan
+tat = math.min(tat, now)
 local new_tat = math.max(tat, now + tonumber(ARGV[2]) + tonumber(ARGV[1]))
 local idle_ms = math.ceil((new_tat - now) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', idle_ms)
@@ -356,7 +358,7 @@ class RedisRecords:
         try:
             data = json.loads(raw)
             fields = {name: data[name] for name in (*_SIGNED, "mac")}
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, RecursionError):  # Recursion: "[[[[..."
             raise ValueError("does not decode") from None
         if not hmac.compare_digest(str(fields["mac"]), self._mac(key, fields)):
             raise ValueError("fails its HMAC (forged, or written with another secret)")
