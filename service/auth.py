@@ -91,6 +91,11 @@ class CallerTokens:
             return
         log.info("reloaded caller tokens", extra={"fields": {"callers": len(self._tokens)}})
 
+    def names(self) -> frozenset[str]:
+        """The callers allowed now."""
+        self._maybe_reload()
+        return frozenset(name for name, _ in self._tokens)
+
     def caller(self, metadata: dict[str, str]) -> str:
         """The calling service's name, or Unauthenticated."""
         self._maybe_reload()

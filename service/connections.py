@@ -11,13 +11,18 @@ clients out for good. With caller authentication on, the facade therefore closes
   ``GRPC_MAX_UNAUTHENTICATED_CONNECTIONS_PER_PEER``, oldest first (a new connection keeps its
   chance to authenticate).
 
-A connection that has made one authenticated call is never closed here, so no call that could have
-reached Twilio is ever cut. gRPC has no API for closing a server connection: the facade reads
-its listening ports' connections from the kernel's TCP tables (Linux ``/proc``), finds the
-descriptors of those it closes, and shuts them down, which gRPC sees as the client going away.
-What this cannot do is stop a peer that keeps reconnecting from competing for free slots: the
-NetworkPolicy (only labelled callers reach the port) and mutual TLS (no handshake without a
-certificate) are what keep strangers out.
+A connection with an authenticated call in progress, or that has made one as a caller still
+allowed, is never closed here, so no call that could have reached Twilio is ever cut; a revoked
+caller's connections lose their standing. The health port (``HEALTH_PORT``) has no callers to
+authenticate: there every connection lives at most the grace (the kubelet opens one per probe).
+
+gRPC has no API for closing a server connection: the facade reads its listening ports'
+connections from the kernel's TCP tables (Linux ``/proc``), finds the descriptors of those it
+closes, and shuts them down, which gRPC sees as the client going away.
+
+What this cannot do is keep out a peer that reconnects in a tight loop: it takes the slots freed
+each second before a newcomer's backoff comes round. The NetworkPolicy (only labelled callers
+reach the port) and mutual TLS (no handshake without a certificate) are what keep strangers out.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import socket
 import time
 import urllib.parse
 from collections import defaultdict
+from collections.abc import Callable, Container, Mapping
+from dataclasses import dataclass
 
 from . import observability as obs
 
@@ -43,24 +50,58 @@ TCP_TABLES = ("/proc/self/net/tcp", "/proc/self/net/tcp6")
 LISTEN = "0A"  # the state column of a listening socket
 
 
+@dataclass
+class _Mark:
+    """A connection that made an authenticated call: as whom, when last, and how many now."""
+
+    caller: str
+    at: float
+    in_flight: int = 0
+
+
 class UnauthenticatedConnections:
-    def __init__(self, ports: set[int], grace: float, per_peer: int, interval: float = 1.0):
-        self.ports = ports  # the gRPC ports, once listening
+    """See the module docstring. ``callers`` gives the names still allowed (a revoked caller's
+    connections lose their standing); None allows every name that once authenticated."""
+
+    def __init__(
+        self,
+        ports: set[int],
+        grace: float,
+        per_peer: int,
+        interval: float = 1.0,
+        callers: Callable[[], Container[str]] | None = None,
+        listener: str = "grpc",
+    ) -> None:
+        self.ports = ports  # the listening ports, once listening
+        self._listener = listener  # the metrics' label: "grpc", or "health" (no caller auth)
         self._grace = grace
         self._per_peer = per_peer
         self._interval = interval
+        self._callers = callers
         self._first_seen: dict[Peer, float] = {}
-        self._authenticated: set[Peer] = set()
+        self._marks: dict[Peer, _Mark] = {}
 
     @staticmethod
     def available() -> bool:
         return os.path.isdir(FD_DIR)
 
-    def authenticated(self, peer: str) -> None:
-        """``peer`` as gRPC names it (``context.peer()``) made an authenticated call."""
+    def call_started(self, peer: str, caller: str) -> _Mark | None:
+        """An authenticated call from ``peer`` (as ``context.peer()`` names it) began; pass the
+        result to ``call_ended``. While it runs, its connection is never closed here."""
         address = _parse_peer(peer)
-        if address is not None:
-            self._authenticated.add(address)
+        if address is None:
+            return None
+        mark = self._marks.get(address)
+        if mark is None:
+            mark = self._marks[address] = _Mark(caller, time.monotonic())
+        mark.caller, mark.at = caller, time.monotonic()
+        mark.in_flight += 1
+        return mark
+
+    @staticmethod
+    def call_ended(mark: _Mark | None) -> None:
+        if mark is not None:
+            mark.in_flight -= 1
 
     async def run(self) -> None:
         while True:
@@ -68,20 +109,28 @@ class UnauthenticatedConnections:
             try:
                 # The kernel's tables are read off the event loop: at 1000 connections that takes
                 # a few milliseconds, mostly in the kernel.
+                read_at = time.monotonic()
                 live = await asyncio.to_thread(_connections, self.ports)
-                self.sweep(time.monotonic(), live)
+                self.sweep(time.monotonic(), live, read_at)
             except OSError as exc:  # never let a sweep failure stop the next one
                 log.warning("connection sweep failed", extra={"fields": {"error": str(exc)}})
 
-    def sweep(self, now: float, live: dict[Peer, int] | None = None) -> int:
-        """Closes what the module docstring says, among the ``live`` connections (else read
-        now); returns how many connections it closed."""
-        live = _connections(self.ports) if live is None else live
+    def to_close(
+        self, now: float, live: Mapping[Peer, object], read_at: float
+    ) -> tuple[dict[Peer, str], int]:
+        """The connections to close, each with why; and how many have no standing."""
         self._first_seen = {p: self._first_seen.get(p, now) for p in live}
-        self._authenticated = {p for p in self._authenticated if p in live}
-        waiting = sorted(
-            (p for p in live if p not in self._authenticated), key=self._first_seen.__getitem__
-        )
+        # A mark made after the read is of a connection the read may have missed: kept.
+        self._marks = {
+            p: m for p, m in self._marks.items() if p in live or m.in_flight > 0 or m.at >= read_at
+        }
+        allowed = self._callers() if self._callers is not None else None
+        standing = {
+            p
+            for p, m in self._marks.items()
+            if m.in_flight > 0 or allowed is None or m.caller in allowed
+        }
+        waiting = sorted((p for p in live if p not in standing), key=self._first_seen.__getitem__)
         by_host: dict[str, list[Peer]] = defaultdict(list)
         close: dict[Peer, str] = {}
         for peer in waiting:
@@ -92,16 +141,34 @@ class UnauthenticatedConnections:
         for peers in by_host.values():
             for peer in peers[: max(len(peers) - self._per_peer, 0)]:
                 close[peer] = "per_peer"
+        return close, len(waiting)
+
+    def sweep(
+        self, now: float, live: dict[Peer, int] | None = None, read_at: float | None = None
+    ) -> int:
+        """Closes what the module docstring says, among the ``live`` connections read at
+        ``read_at`` (else read now); returns how many connections it closed."""
+        if live is None:
+            read_at, live = time.monotonic(), _connections(self.ports)
+        assert read_at is not None
+        close, waiting = self.to_close(now, live, read_at)
         closed = _shut_down({live[peer] for peer in close})
         for peer, reason in close.items():
             if live[peer] in closed:
-                obs.CONNECTIONS_CLOSED.labels(reason=reason).inc()
-        obs.GRPC_CONNECTIONS.labels(state="authenticated").set(len(self._authenticated))
-        obs.GRPC_CONNECTIONS.labels(state="unauthenticated").set(len(waiting) - len(closed))
+                obs.CONNECTIONS_CLOSED.labels(listener=self._listener, reason=reason).inc()
+        gauge = obs.GRPC_CONNECTIONS
+        gauge.labels(listener=self._listener, state="authenticated").set(len(live) - waiting)
+        gauge.labels(listener=self._listener, state="unauthenticated").set(waiting - len(closed))
         if closed:
             log.warning(
                 "closed connections that did not authenticate",
-                extra={"fields": {"closed": len(closed), "open": len(live) - len(closed)}},
+                extra={
+                    "fields": {
+                        "listener": self._listener,
+                        "closed": len(closed),
+                        "open": len(live) - len(closed),
+                    }
+                },
             )
         return len(closed)
 

@@ -33,6 +33,7 @@ from grpc_status import rpc_status
 from . import observability as obs
 from . import tracing
 from .auth import ANONYMOUS, CallerTokens
+from .connections import UnauthenticatedConnections
 from .errors import (
     DeadlineExceeded,
     FacadeError,
@@ -102,12 +103,12 @@ class RpcObserver(grpc.aio.ServerInterceptor):
         tokens: CallerTokens | None = None,
         limits: Limits | None = None,
         client_names: frozenset[str] = frozenset(),
-        on_authenticated: Callable[[str], None] | None = None,
+        connections: UnauthenticatedConnections | None = None,
     ) -> None:
         self._tokens = tokens
         self._limits = limits or Limits()
         self._client_names = client_names
-        self._on_authenticated = on_authenticated  # given the peer's address
+        self._connections = connections  # told of each authenticated call's connection
         self._slots = Slots(self._limits.max_concurrent_rpcs)
         self._public = Slots(self._limits.max_public_streams)
 
@@ -158,12 +159,13 @@ class RpcObserver(grpc.aio.ServerInterceptor):
             obs.begin_rpc(record)
             slots = self._public if public else self._slots
             admitted = False
+            held = None  # the connection's mark while an authenticated call runs
             code, message = "OK", ""
             try:
                 if not public:
                     record.caller = self._caller(metadata, context)
-                    if self._on_authenticated is not None:
-                        self._on_authenticated(context.peer())
+                    if self._connections is not None:
+                        held = self._connections.call_started(context.peer(), record.caller)
                 if not slots.take():
                     raise ServerLimit(
                         "CONCURRENCY_LIMIT",
@@ -191,6 +193,7 @@ class RpcObserver(grpc.aio.ServerInterceptor):
                 code, message = "INTERNAL", status.message
                 await context.abort_with_status(_grpc_status(status))
             finally:
+                UnauthenticatedConnections.call_ended(held)
                 if admitted:
                     slots.give()
                     if not public:

@@ -24,13 +24,13 @@ RPCS = Counter("flexwebchat_rpcs", "RPCs handled, by final gRPC code", ["method"
 RPCS_IN_FLIGHT = Gauge("flexwebchat_rpcs_in_flight", "RPCs being handled now")
 GRPC_CONNECTIONS = Gauge(
     "flexwebchat_grpc_connections",
-    "Connections on the gRPC port, by whether they made an authenticated call (auth on only)",
-    ["state"],
+    "Connections by listener (grpc, health) and by whether they made an authenticated call",
+    ["listener", "state"],
 )
 CONNECTIONS_CLOSED = Counter(
     "flexwebchat_connections_closed",
     "Connections closed for not authenticating in time, or beyond a peer's share",
-    ["reason"],
+    ["listener", "reason"],
 )
 RPC_LATENCY = Histogram(
     "flexwebchat_rpc_duration_seconds",

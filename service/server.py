@@ -80,23 +80,14 @@ class Facade:
             message_timeout=settings.request_message_timeout,
             max_message_bytes=settings.max_message_bytes,
         )
+        sweeps: list[UnauthenticatedConnections] = []
         warden = None
-        if (
-            tokens is not None or settings.tls_client_names
-        ) and UnauthenticatedConnections.available():
-            warden = UnauthenticatedConnections(
-                set(),
-                settings.unauthenticated_connection_grace,
-                settings.max_unauthenticated_per_peer,
-            )
+        if tokens is not None or settings.tls_client_names:
+            warden = _sweep(settings, "grpc", tokens.names if tokens is not None else None)
+            sweeps.append(warden)
         # No maximum_concurrent_rpcs: the interceptor enforces the limit after authentication,
         # and logs and counts its refusals.
-        observer = RpcObserver(
-            tokens,
-            limits,
-            settings.tls_client_names,
-            on_authenticated=warden.authenticated if warden is not None else None,
-        )
+        observer = RpcObserver(tokens, limits, settings.tls_client_names, connections=warden)
         server = grpc.aio.server(interceptors=[observer], options=_channel_options(settings))
         webchat_pb2_grpc.add_WebChatServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
         health_servicer = health.aio.HealthServicer()
@@ -111,10 +102,8 @@ class Facade:
             except OSError as exc:
                 raise ConfigError(f"METRICS_PORT={settings.metrics_port}: {exc.strerror}") from None
         port = _listen(server, "GRPC_PORT", settings.grpc_host, settings.grpc_port, credentials)
-        background = []
         if warden is not None:
             warden.ports.add(port)
-            background.append(asyncio.create_task(warden.run()))
         health_server = None
         if settings.health_port:
             # The kubelet's gRPC probe speaks plaintext only: with TLS on, health is served
@@ -123,8 +112,14 @@ class Facade:
                 interceptors=[RpcObserver(limits=limits)], options=_channel_options(settings)
             )
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-            _listen(health_server, "HEALTH_PORT", settings.grpc_host, settings.health_port, None)
+            health_port = _listen(
+                health_server, "HEALTH_PORT", settings.grpc_host, settings.health_port, None
+            )
+            # No caller authenticates there: connections live at most the grace (the kubelet
+            # opens one per probe), so idle ones cannot take the probes' slots.
+            sweeps.append(_sweep(settings, "health", None, health_port))
             await health_server.start()
+        background = [asyncio.create_task(sweep.run()) for sweep in sweeps if sweep.available()]
         await server.start()
         if tokens is not None and credentials is None:
             log.warning(
@@ -245,6 +240,21 @@ async def _state(
 async def _ready_after(first_answer: Callable[[], Awaitable[None]], health: Any) -> None:
     await first_answer()
     await health.set(SERVICE_NAME, SERVING)
+
+
+def _sweep(
+    settings: Settings,
+    listener: str,
+    callers: Callable[[], frozenset[str]] | None,
+    port: int | None = None,
+) -> UnauthenticatedConnections:
+    return UnauthenticatedConnections(
+        set() if port is None else {port},
+        settings.unauthenticated_connection_grace,
+        settings.max_unauthenticated_per_peer,
+        callers=callers,
+        listener=listener,
+    )
 
 
 def _guest_tokens(settings: Settings) -> GuestTokens | None:

@@ -3,6 +3,7 @@ cost other callers their service, reach Twilio unauthenticated, or shape the log
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -318,8 +319,15 @@ def test_clients_without_a_token_cannot_hold_the_connection_slots(
         for channel in attackers:
             channel.close()
     assert served_new > 0  # before: never, the attackers held every slot for good
-    assert facade.metric('flexwebchat_connections_closed_total{reason="unauthenticated"}') > 0
-    assert facade.metric('flexwebchat_connections_closed_total{reason="per_peer"}') > 0
+    assert (
+        facade.metric(
+            'flexwebchat_connections_closed_total{listener="grpc",reason="unauthenticated"}'
+        )
+        > 0
+    )
+    assert (
+        facade.metric('flexwebchat_connections_closed_total{listener="grpc",reason="per_peer"}') > 0
+    )
     assert "closed connections that did not authenticate" in facade.logs()
 
 
@@ -474,7 +482,7 @@ async def test_the_sweep_finds_ipv4_and_ipv6_callers_of_a_dual_stack_port() -> N
             sweep = UnauthenticatedConnections({port}, grace=1.0, per_peer=1)
             async with grpc.aio.insecure_channel(f"{host}:{port}") as channel:
                 await channel.unary_unary("/x.Y/Z")(b"")
-                sweep.authenticated(peers[-1])
+                sweep.call_ended(sweep.call_started(peers[-1], "billing"))
                 assert sweep.sweep(time.monotonic() + 60) == 0, peers[-1]  # kept, long after
                 assert await channel.unary_unary("/x.Y/Z")(b"again") == b"again"
             async with grpc.aio.insecure_channel(f"{host}:{port}") as stranger:
@@ -483,3 +491,77 @@ async def test_the_sweep_finds_ipv4_and_ipv6_callers_of_a_dual_stack_port() -> N
                 assert sweep.sweep(time.monotonic() + 1.0) == 1  # closed at the grace
     finally:
         await server.stop(None)
+
+
+def test_the_sweep_never_takes_standing_from_a_call_in_progress() -> None:
+    """The decisions, one by one: a call marked while the kernel's table was being read (its
+    connection not in that reading) keeps its mark; a connection with a call in progress is
+    never closed, even for a caller revoked meanwhile; once the call ends, a revoked caller's
+    connection is closed like a stranger's."""
+    from service.connections import UnauthenticatedConnections
+
+    allowed = {"billing"}
+    sweep = UnauthenticatedConnections(set(), grace=1.0, per_peer=8, callers=lambda: allowed)
+    peer = ("10.0.0.7", 40000)
+    read_at = time.monotonic()
+    held = sweep.call_started("ipv4:10.0.0.7:40000", "billing")  # after the read
+    assert sweep.to_close(read_at + 0.1, {}, read_at) == ({}, 0)  # not in it: mark kept
+    later = read_at + 60
+    assert sweep.to_close(later, {peer: 1}, later) == ({}, 0)
+    allowed.clear()  # billing's token is revoked while its call runs
+    assert sweep.to_close(later + 60, {peer: 1}, later + 60) == ({}, 0)
+    sweep.call_ended(held)
+    assert sweep.to_close(later + 61, {peer: 1}, later + 61) == ({peer: "unauthenticated"}, 1)
+
+
+def test_idle_connections_cannot_take_the_health_ports_slots(make_facade, upstream) -> None:
+    """The kubelet opens a connection per probe; connections held open there (a Watch) are
+    closed after GRPC_UNAUTHENTICATED_CONNECTION_SECONDS, so they cannot starve the probes."""
+    from conftest import free_port
+
+    health_port = free_port()
+    facade = make_facade(
+        upstream.url,
+        HEALTH_PORT=str(health_port),
+        GRPC_MAX_CONNECTIONS="4",
+        GRPC_UNAUTHENTICATED_CONNECTION_SECONDS="1",
+    )
+    holders = [RawConnection(health_port) for _ in range(4)]
+    try:
+        for conn in holders:
+            conn.open(WATCH, body=grpc_frame(b""), end_stream=False)
+        give_up = time.monotonic() + 10
+        while time.monotonic() < give_up and not all(_closed_by_peer(c.sock) for c in holders):
+            time.sleep(0.2)
+        assert all(_closed_by_peer(c.sock) for c in holders)
+        probe = RawConnection(health_port)
+        check = probe.open("/grpc.health.v1.Health/Check", body=grpc_frame(b""))
+        assert probe.status(check).get("grpc-status") == "0"
+        probe.close()
+    finally:
+        for conn in holders:
+            conn.close()
+    sample = 'flexwebchat_connections_closed_total{listener="health",reason="unauthenticated"}'
+    assert facade.metric(sample) == 4
+
+
+def test_a_revoked_callers_connection_loses_its_standing(
+    make_facade, tmp_path: Path, upstream: EmulatorProcess
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"billing:{TOKEN}\nsupport:tok-support-0123456789abcdef\n")
+    facade = make_facade(
+        upstream.url, AUTH_TOKENS_FILE=str(tokens), GRPC_UNAUTHENTICATED_CONNECTION_SECONDS="1"
+    )
+    channel = grpc.insecure_channel(facade.target, options=[("grpc.use_local_subchannel_pool", 1)])
+    assert channel.unary_unary(CREATE)(REQUEST.SerializeToString(), metadata=AUTH, timeout=5)
+    tokens.write_text("support:tok-support-0123456789abcdef\n")  # billing revoked
+    check = channel.unary_unary("/grpc.health.v1.Health/Check")
+    sample = 'flexwebchat_connections_closed_total{listener="grpc",reason="unauthenticated"}'
+    give_up = time.monotonic() + 10
+    while facade.metric(sample) == 0 and time.monotonic() < give_up:
+        with contextlib.suppress(grpc.RpcError):
+            check(b"", timeout=1)  # never idle: only the revocation can close it
+        time.sleep(0.3)
+    channel.close()
+    assert facade.metric(sample) == 1
