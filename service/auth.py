@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import ssl
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ log = logging.getLogger("flexwebchat.auth")
 # The caller when callers are not authenticated. Reserved: a token or certificate by this name
 # would share the idempotency records of every unauthenticated caller (webchat.record_key).
 ANONYMOUS = "anonymous"
+CALLER_NAME = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 RELOAD_CHECK_SECONDS = 1.0
 
@@ -113,22 +115,26 @@ class CallerTokens:
 
 
 def _parse_tokens(raw: bytes) -> tuple[list[tuple[str, bytes]], list[str]]:
-    """The valid (name, token) lines, and a description of each invalid one (never its text)."""
+    """The valid (name, token) lines, and a description of each invalid one (never its text).
+
+    Names are plain ASCII (``CALLER_NAME``), so two names never look alike or decode alike in
+    logs, metrics and the records' keys; ``anonymous`` in any case is reserved."""
     tokens, problems = [], []
-    text = raw.decode("utf-8", errors="replace")
-    for number, line in enumerate((raw.strip() for raw in text.splitlines()), start=1):
-        if not line or line.startswith("#"):
+    for number, line in enumerate(raw.removeprefix(b"\xef\xbb\xbf").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith(b"#"):
             continue
-        name, sep, token = line.partition(":")
-        if not sep or not name.strip() or len(token.strip()) < 16:
+        name, sep, token = line.partition(b":")
+        name, token = name.strip(), token.strip()
+        if not sep or len(token) < 16 or not CALLER_NAME.fullmatch(name):
             problems.append(
-                f"line {number}: expected 'name:token' with a token of at least 16 characters"
+                f"line {number}: expected 'name:token', the name of letters, digits, '.', '_' "
+                "or '-' (at most 64), the token of at least 16 characters"
             )
-            continue
-        if name.strip() == ANONYMOUS:
+        elif name.lower() == ANONYMOUS.encode():
             problems.append(f"line {number}: the name {ANONYMOUS!r} is reserved")
-            continue
-        tokens.append((name.strip(), token.strip().encode()))
+        else:
+            tokens.append((name.decode(), token))
     return tokens, problems
 
 

@@ -205,11 +205,17 @@ class RpcObserver(grpc.aio.ServerInterceptor):
     def _caller(self, metadata: dict[str, str], context: Context) -> str:
         if self._tokens is not None:
             return self._tokens.caller(metadata)
-        name = _certificate_name(context)
+        certificate = context.auth_context()
+        names = list(certificate.get("x509_common_name") or [])
+        name = names[0].decode(errors="backslashreplace") if names else ""
         if self._client_names and name not in self._client_names:
             raise Unauthenticated("the client certificate's name is not allowed")
-        if name == ANONYMOUS:
-            raise Unauthenticated(f"the client certificate's name {ANONYMOUS!r} is reserved")
+        if certificate.get("x509_pem_cert") and name in ("", ANONYMOUS):
+            # Would share the records of unauthenticated callers (webchat.record_key).
+            raise Unauthenticated(
+                f"the client certificate needs a common name other than {ANONYMOUS!r}: "
+                "it names the caller"
+            )
         return name or ANONYMOUS
 
     @staticmethod
@@ -325,11 +331,6 @@ def _aborted(context: Context) -> tuple[str, str]:
     code = context.code()
     name = code.name if isinstance(code, grpc.StatusCode) else CODE_NAMES.get(code or 2, "UNKNOWN")
     return name, str(context.details() or "")
-
-
-def _certificate_name(context: Context) -> str:
-    names = list(context.auth_context().get("x509_common_name") or [])
-    return names[0].decode(errors="replace") if names else ""
 
 
 def trace_id(metadata: dict[str, str]) -> str:

@@ -33,7 +33,8 @@ class Pem:
 
 def issue(name: str, issuer: Pem | None = None, *, server: bool = False, ca: bool = False) -> Pem:
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    # name "": no subject at all (a certificate named only by its subject alternative names)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)] if name else [])
     if issuer is None:
         signer, issuer_name = key, subject
     else:
@@ -159,6 +160,21 @@ def test_mutual_tls_names_the_caller_and_refuses_others(
     assert len(upstream.requests()) == 1
     [line] = facade.rpc_lines()
     assert line["caller"] == "billing-service"
+
+
+@pytest.mark.parametrize("name", ["", "anonymous"], ids=["no common name", "anonymous"])
+def test_a_client_certificate_must_name_a_caller(
+    make_facade, upstream, tmp_path, pki, name: str
+) -> None:
+    """Without a name, or named "anonymous", two services' certificates would share the records
+    of unauthenticated callers: each would replay the other's conversations."""
+    facade = make_facade(upstream.url, **tls_env(tmp_path, pki, mutual=True))
+    unnamed = issue(name, pki["ca"])
+    with pytest.raises(grpc.RpcError) as caught:
+        call(facade.target, pki["ca"].cert, unnamed, timeout=3)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "common name" in (caught.value.details() or "")
+    assert upstream.requests() == []
 
 
 def test_rotated_certificates_apply_without_restart(make_facade, upstream, tmp_path, pki) -> None:
@@ -287,20 +303,31 @@ def test_revocation_applies_beside_a_bad_line(token_facade) -> None:
     assert "tok-support" not in facade.logs()
 
 
-def test_the_name_anonymous_is_reserved(token_facade, upstream) -> None:
-    """Unauthenticated callers' idempotency records are filed under "anonymous": a token by that
-    name (e.g. after auth was turned on over a shared Redis) would replay them."""
+def test_caller_names_are_plain_and_anonymous_is_reserved(token_facade, upstream) -> None:
+    """Unauthenticated callers' records are filed under "anonymous": a token by that name (e.g.
+    after auth was turned on over a shared Redis) would replay them. Names that look or decode
+    alike (invalid UTF-8, zero-width characters) would merge or disguise callers."""
     facade, tokens = token_facade
-    tokens.write_text("billing:tok-billing-0123456789abcdef\nanonymous:tok-anon-0123456789abcdef\n")
+    tokens.write_bytes(
+        b"\xef\xbb\xbfbilling:tok-billing-0123456789abcdef\n"  # a byte-order mark: ignored
+        b"Anonymous:tok-anon-0123456789abcdef\n"
+        b"caf\xe9:tok-cafe-0123456789abcdef\n"
+        + "bil\u200bling:tok-zero-width-0123456789\n".encode()
+    )
     time.sleep(1.1)
-    with pytest.raises(grpc.RpcError) as caught:
-        facade.stub.CreateWebChat(
-            REQUEST, metadata=[("authorization", "Bearer tok-anon-0123456789abcdef")], timeout=5
-        )
-    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    [error] = [line for line in facade.log_lines() if line["level"] == "error"]
-    assert "line 2" in error["error"] and "reserved" in error["error"]
-    assert upstream.requests() == []
+    billing = [("authorization", "Bearer tok-billing-0123456789abcdef")]
+    assert facade.stub.CreateWebChat(REQUEST, metadata=billing, timeout=5).conversation_sid
+    for token in ("tok-anon-0123456789abcdef", "tok-cafe-0123456789abcdef"):
+        with pytest.raises(grpc.RpcError) as caught:
+            facade.stub.CreateWebChat(
+                REQUEST, metadata=[("authorization", f"Bearer {token}")], timeout=5
+            )
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    errors = [line["error"] for line in facade.log_lines() if line["level"] == "error"]
+    assert [e.split(":")[0] for e in errors] == ["line 2", "line 3", "line 4"]
+    assert "reserved" in errors[0]
+    assert [line["caller"] for line in facade.rpc_lines() if line["code"] == "OK"] == ["billing"]
+    assert len(upstream.requests()) == 1
 
 
 @pytest.mark.parametrize("change", ["emptied", "deleted"])
