@@ -117,23 +117,21 @@ class Settings:
             ui_version=_ui_version(reader.text("FLEX_UI_VERSION")),
             attempt_timeout=reader.number("FLEX_ATTEMPT_TIMEOUT_SECONDS", 10.0, minimum=0.1),
             latency_estimate=reader.number("FLEX_LATENCY_ESTIMATE_SECONDS", 0.5, minimum=0.0),
-            max_attempts=int(reader.number("FLEX_MAX_ATTEMPTS", 4, minimum=1)),
-            upstream_max_connections=int(reader.number("FLEX_MAX_CONNECTIONS", 100, minimum=1)),
+            max_attempts=reader.integer("FLEX_MAX_ATTEMPTS", 4, minimum=1),
+            upstream_max_connections=reader.integer("FLEX_MAX_CONNECTIONS", 100, minimum=1),
             retry_ambiguous=reader.flag("FLEX_RETRY_AMBIGUOUS"),
             default_deadline=reader.number("FLEX_DEFAULT_DEADLINE_SECONDS", 30.0, minimum=0.1),
             max_deadline=reader.number("FLEX_MAX_DEADLINE_SECONDS", 60.0, minimum=0.1),
             rate_limit_rps=reader.number("FLEX_RATE_LIMIT_RPS", 5.0, minimum=0.0),
-            rate_limit_burst=int(reader.number("FLEX_RATE_LIMIT_BURST", 1, minimum=1)),
-            max_pending_per_caller=int(
-                reader.number("FLEX_MAX_PENDING_PER_CALLER", 100, minimum=1)
-            ),
+            rate_limit_burst=reader.integer("FLEX_RATE_LIMIT_BURST", 1, minimum=1),
+            max_pending_per_caller=reader.integer("FLEX_MAX_PENDING_PER_CALLER", 100, minimum=1),
             idempotency_ttl=reader.number("IDEMPOTENCY_TTL_SECONDS", 86400.0, minimum=1.0),
             idempotency_lock=reader.number("IDEMPOTENCY_LOCK_SECONDS", 10.0, minimum=0.5),
-            idempotency_max_local_records=int(
-                reader.number("IDEMPOTENCY_MAX_LOCAL_RECORDS", 100_000, minimum=100)
+            idempotency_max_local_records=reader.integer(
+                "IDEMPOTENCY_MAX_LOCAL_RECORDS", 100_000, minimum=100
             ),
             redis_url=_redis_url(reader.secret("REDIS_URL")),
-            grpc_host=reader.text("GRPC_HOST") or "[::]",
+            grpc_host=_bracketed(reader.text("GRPC_HOST") or "[::]"),
             grpc_port=reader.port("GRPC_PORT", 50051),
             metrics_port=reader.port("METRICS_PORT", 9464),
             health_port=reader.port("HEALTH_PORT", 0),
@@ -141,18 +139,18 @@ class Settings:
             log_format=reader.choice("LOG_FORMAT", "json", ("json", "console")),
             shutdown_delay=reader.number("SHUTDOWN_DELAY_SECONDS", 5.0, minimum=0.0),
             shutdown_grace=reader.number("SHUTDOWN_GRACE_SECONDS", 20.0, minimum=0.0),
-            max_concurrent_rpcs=int(reader.number("GRPC_MAX_CONCURRENT_RPCS", 256, minimum=1)),
-            max_message_bytes=int(reader.number("GRPC_MAX_MESSAGE_BYTES", 65536, minimum=1024)),
+            max_concurrent_rpcs=reader.integer("GRPC_MAX_CONCURRENT_RPCS", 256, minimum=1),
+            max_message_bytes=reader.integer("GRPC_MAX_MESSAGE_BYTES", 65536, minimum=1024),
             max_connection_age=reader.number("GRPC_MAX_CONNECTION_AGE_SECONDS", 300.0, minimum=0),
-            max_connections=int(reader.number("GRPC_MAX_CONNECTIONS", 1000, minimum=1)),
+            max_connections=reader.integer("GRPC_MAX_CONNECTIONS", 1000, minimum=1),
             max_connection_idle=reader.number(
                 "GRPC_MAX_CONNECTION_IDLE_SECONDS", 120.0, minimum=1.0
             ),
             unauthenticated_connection_grace=reader.number(
                 "GRPC_UNAUTHENTICATED_CONNECTION_SECONDS", 10.0, minimum=1.0
             ),
-            max_unauthenticated_per_peer=int(
-                reader.number("GRPC_MAX_UNAUTHENTICATED_CONNECTIONS_PER_PEER", 16, minimum=1)
+            max_unauthenticated_per_peer=reader.integer(
+                "GRPC_MAX_UNAUTHENTICATED_CONNECTIONS_PER_PEER", 16, minimum=1
             ),
             request_message_timeout=reader.number(
                 "GRPC_REQUEST_MESSAGE_TIMEOUT_SECONDS", 10.0, minimum=0.1
@@ -228,6 +226,12 @@ class _EnvReader:
         if not value >= minimum or value == float("inf"):
             raise ConfigError(f"{name} must be a finite number >= {minimum:g}, got {raw!r}")
         return value
+
+    def integer(self, name: str, default: int, *, minimum: int) -> int:
+        value = self.number(name, default, minimum=minimum)
+        if value != int(value):
+            raise ConfigError(f"{name} must be a whole number, got {self.text(name)!r}")
+        return int(value)
 
     def port(self, name: str, default: int) -> int:
         value = self.number(name, default, minimum=0)
@@ -354,3 +358,8 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _bracketed(host: str) -> str:
+    """``::`` or ``::1`` as gRPC needs an IPv6 address in ``host:port``: ``[::]``."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

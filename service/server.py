@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -201,6 +202,7 @@ class Facade:
 async def serve(settings: Settings) -> None:
     """Runs until SIGTERM or SIGINT, then drains and returns; a second signal during the drain
     stops at once (an operator's Ctrl-C Ctrl-C, or a supervisor that means it)."""
+    raise_file_limit(settings)
     facade = await Facade.start(settings)
     signals: asyncio.Queue[int] = asyncio.Queue()
     loop = asyncio.get_running_loop()
@@ -255,6 +257,27 @@ def _sweep(
         callers=callers,
         listener=listener,
     )
+
+
+def raise_file_limit(settings: Settings) -> int:
+    """Each connection is a descriptor. Container runtimes may start the process with a soft
+    limit of 1024, below GRPC_MAX_CONNECTIONS' default alone: lift it to the hard limit (as Go's
+    runtime does), and warn when even that is short. Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    # Both ports' connections, the upstream pool, Redis, logs and gRPC's own descriptors.
+    needed = 2 * settings.max_connections + settings.upstream_max_connections + 64
+    if soft < needed:
+        log.warning(
+            "the open-file limit is below what GRPC_MAX_CONNECTIONS needs: past it, new "
+            "connections and upstream requests fail; raise the container's nofile limit",
+            extra={"fields": {"limit": soft, "needed": needed}},
+        )
+    return soft
 
 
 def _guest_tokens(settings: Settings) -> GuestTokens | None:

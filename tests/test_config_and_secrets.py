@@ -95,6 +95,10 @@ def test_secrets_from_files(tmp_path: Path) -> None:
             "FLEX_RATE_LIMIT_RPS must be a finite number >= 0",
         ),
         ({**CREDS, "GRPC_PORT": "70000"}, "GRPC_PORT must be a port"),
+        (
+            {**CREDS, "GRPC_MAX_UNAUTHENTICATED_CONNECTIONS_PER_PEER": "2.7"},
+            "GRPC_MAX_UNAUTHENTICATED_CONNECTIONS_PER_PEER must be a whole number, got '2.7'",
+        ),
         ({**CREDS, "LOG_FORMAT": "xml"}, "LOG_FORMAT must be one of json, console"),
         ({**CREDS, "REDIS_URL": "http://:pw@h:6379"}, "REDIS_URL must be a redis://"),
         ({**CREDS, "REDIS_URL": "redis://:pw@h:port/0"}, "REDIS_URL is not a valid URL"),
@@ -103,6 +107,15 @@ def test_secrets_from_files(tmp_path: Path) -> None:
 def test_bad_settings_are_refused_with_the_reason(env: dict[str, str], reason: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(reason)):
         Settings.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("host", "listens_on"), [("::", "[::]"), ("[::]", "[::]"), ("127.0.0.1", "127.0.0.1")]
+)
+def test_grpc_host_takes_an_ipv6_address_with_or_without_brackets(
+    host: str, listens_on: str
+) -> None:
+    assert Settings.from_env({**CREDS, "GRPC_HOST": host}).grpc_host == listens_on
 
 
 def test_flex_max_connections_bounds_the_upstream_pool() -> None:
@@ -244,3 +257,31 @@ def test_a_bad_flex_ui_version_refuses_to_start(upstream) -> None:
         "flexwebchat: refusing to start: FLEX_UI_VERSION must be 1-64 visible ASCII "
         "characters, e.g. 2.0.0"
     )
+
+
+@pytest.mark.parametrize(("soft", "hard", "warned"), [(256, 8192, False), (256, 512, True)])
+def test_the_open_file_limit_is_raised_to_what_the_connection_cap_needs(
+    soft: int, hard: int, warned: bool
+) -> None:
+    """A runtime's soft limit of 1024 is below GRPC_MAX_CONNECTIONS' default: past it, accepts
+    and upstream requests fail. The facade lifts it to the hard limit, and says when even that
+    is short."""
+    import resource
+
+    script = (
+        "import logging, resource, sys; logging.basicConfig(stream=sys.stdout);"
+        "from service.config import Settings; from service.server import raise_file_limit;"
+        "s = Settings.from_env({'TWILIO_ACCOUNT_SID': 'AC' + '0' * 32, 'TWILIO_AUTH_TOKEN': 't',"
+        " 'GRPC_MAX_CONNECTIONS': '1000'});"
+        "print('limit', raise_file_limit(s), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert f"limit {hard} {hard}" in result.stdout, result.stderr
+    assert ("open-file limit is below" in result.stdout) == warned
