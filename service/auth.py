@@ -32,7 +32,7 @@ log = logging.getLogger("flexwebchat.auth")
 # The caller when callers are not authenticated. Reserved: a token or certificate by this name
 # would share the idempotency records of every unauthenticated caller (webchat.record_key).
 ANONYMOUS = "anonymous"
-CALLER_NAME = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+CALLER_NAME = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 
 RELOAD_CHECK_SECONDS = 1.0
 
@@ -128,8 +128,8 @@ def _parse_tokens(raw: bytes) -> tuple[list[tuple[str, bytes]], list[str]]:
         name, token = name.strip(), token.strip()
         if not sep or len(token) < 16 or not CALLER_NAME.fullmatch(name):
             problems.append(
-                f"line {number}: expected 'name:token', the name of letters, digits, '.', '_' "
-                "or '-' (at most 64), the token of at least 16 characters"
+                f"line {number}: expected 'name:token', the name of 1 to 64 ASCII letters, "
+                "digits, '.', '_' or '-', the token of at least 16 characters"
             )
         elif name.lower() == ANONYMOUS.encode():
             problems.append(f"line {number}: the name {ANONYMOUS!r} is reserved")

@@ -12,9 +12,11 @@ clients out for good. With caller authentication on, the facade therefore closes
   chance to authenticate).
 
 A connection with an authenticated call in progress, or that has made one as a caller still
-allowed, is never closed here, so no call that could have reached Twilio is ever cut; a revoked
-caller's connections lose their standing. The health port (``HEALTH_PORT``) has no callers to
-authenticate: there every connection lives at most the grace (the kubelet opens one per probe).
+allowed, is never closed here, so no call that could have reached Twilio is ever cut; once none
+of a connection's callers has been allowed for the grace (revoked), it loses its standing. The
+health port (``HEALTH_PORT``) has no callers to authenticate, whether caller authentication is on
+or not: there every connection lives at most the grace (the kubelet opens one per probe, so a
+health ``Watch`` belongs on the gRPC port).
 
 gRPC has no API for closing a server connection: the facade reads its listening ports'
 connections from the kernel's TCP tables (Linux ``/proc``), finds the descriptors of those it
@@ -52,11 +54,13 @@ LISTEN = "0A"  # the state column of a listening socket
 
 @dataclass
 class _Mark:
-    """A connection that made an authenticated call: as whom, when last, and how many now."""
+    """A connection that made authenticated calls: as whom, when last, how many now, and since
+    when none of its callers is allowed any more."""
 
-    caller: str
+    callers: set[str]
     at: float
     in_flight: int = 0
+    revoked_at: float | None = None
 
 
 class UnauthenticatedConnections:
@@ -93,8 +97,9 @@ class UnauthenticatedConnections:
             return None
         mark = self._marks.get(address)
         if mark is None:
-            mark = self._marks[address] = _Mark(caller, time.monotonic())
-        mark.caller, mark.at = caller, time.monotonic()
+            mark = self._marks[address] = _Mark(set(), time.monotonic())
+        mark.callers.add(caller)
+        mark.at = time.monotonic()
         mark.in_flight += 1
         return mark
 
@@ -125,11 +130,7 @@ class UnauthenticatedConnections:
             p: m for p, m in self._marks.items() if p in live or m.in_flight > 0 or m.at >= read_at
         }
         allowed = self._callers() if self._callers is not None else None
-        standing = {
-            p
-            for p, m in self._marks.items()
-            if m.in_flight > 0 or allowed is None or m.caller in allowed
-        }
+        standing = {p for p, m in self._marks.items() if self._stands(m, allowed, now)}
         waiting = sorted((p for p in live if p not in standing), key=self._first_seen.__getitem__)
         by_host: dict[str, list[Peer]] = defaultdict(list)
         close: dict[Peer, str] = {}
@@ -142,6 +143,16 @@ class UnauthenticatedConnections:
             for peer in peers[: max(len(peers) - self._per_peer, 0)]:
                 close[peer] = "per_peer"
         return close, len(waiting)
+
+    def _stands(self, mark: _Mark, allowed: Container[str] | None, now: float) -> bool:
+        """A revoked caller's connection keeps its standing for the grace, so that a tokens
+        file caught mid-rewrite (empty for a moment) does not close everyone's connections."""
+        if allowed is None or any(caller in allowed for caller in mark.callers):
+            mark.revoked_at = None
+            return True
+        if mark.revoked_at is None:
+            mark.revoked_at = now
+        return mark.in_flight > 0 or now - mark.revoked_at < self._grace
 
     def sweep(
         self, now: float, live: dict[Peer, int] | None = None, read_at: float | None = None

@@ -210,7 +210,7 @@ class RpcObserver(grpc.aio.ServerInterceptor):
         name = names[0].decode(errors="backslashreplace") if names else ""
         if self._client_names and name not in self._client_names:
             raise Unauthenticated("the client certificate's name is not allowed")
-        if certificate.get("x509_pem_cert") and name in ("", ANONYMOUS):
+        if certificate.get("x509_pem_cert") and name.lower() in ("", ANONYMOUS):
             # Would share the records of unauthenticated callers (webchat.record_key).
             raise Unauthenticated(
                 f"the client certificate needs a common name other than {ANONYMOUS!r}: "

@@ -306,7 +306,9 @@ def _listen(
             return server.add_insecure_port(address)
         return server.add_secure_port(address, credentials)
     except RuntimeError:
-        raise ConfigError(f"{variable}: cannot listen on {address} (in use?)") from None
+        raise ConfigError(
+            f"{variable}: cannot listen on {address} (in use, or not an address of this host?)"
+        ) from None
 
 
 # gRPC turns SO_REUSEPORT on by default: a second facade on a busy port would start and share it,

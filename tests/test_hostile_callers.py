@@ -514,6 +514,27 @@ def test_the_sweep_never_takes_standing_from_a_call_in_progress() -> None:
     assert sweep.to_close(later + 61, {peer: 1}, later + 61) == ({peer: "unauthenticated"}, 1)
 
 
+def test_a_connection_stands_while_any_of_its_callers_is_allowed() -> None:
+    """A gateway calls as alice and bob on one connection: revoking bob leaves it standing. A
+    tokens file caught empty mid-rewrite closes nothing within the grace."""
+    from service.connections import UnauthenticatedConnections
+
+    allowed = {"alice", "bob"}
+    sweep = UnauthenticatedConnections(set(), grace=5.0, per_peer=8, callers=lambda: allowed)
+    peer, start = ("10.0.0.7", 40000), time.monotonic()
+    for caller in ("alice", "bob"):
+        sweep.call_ended(sweep.call_started("ipv4:10.0.0.7:40000", caller))
+    allowed.discard("bob")
+    assert sweep.to_close(start + 60, {peer: 1}, start + 60) == ({}, 0)
+    allowed.clear()  # emptied for a moment
+    assert sweep.to_close(start + 61, {peer: 1}, start + 61) == ({}, 0)
+    allowed.add("alice")
+    assert sweep.to_close(start + 70, {peer: 1}, start + 70) == ({}, 0)
+    allowed.clear()  # for good this time
+    assert sweep.to_close(start + 71, {peer: 1}, start + 71) == ({}, 0)
+    assert sweep.to_close(start + 76, {peer: 1}, start + 76) == ({peer: "unauthenticated"}, 1)
+
+
 def test_idle_connections_cannot_take_the_health_ports_slots(make_facade, upstream) -> None:
     """The kubelet opens a connection per probe; connections held open there (a Watch) are
     closed after GRPC_UNAUTHENTICATED_CONNECTION_SECONDS, so they cannot starve the probes."""
