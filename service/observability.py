@@ -101,7 +101,7 @@ SHARED_STATE_ERRORS = Counter(
 )
 
 
-@dataclass
+@dataclass(slots=True)  # one per call in flight: no __dict__ each
 class RpcRecord:
     """What one RPC did; logged as one line when it ends."""
 
