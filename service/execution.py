@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from contextvars import ContextVar
+from contextvars import ContextVar, copy_context
 from typing import Any, TypeVar
 
 from .deadline import Deadline
@@ -68,11 +68,10 @@ class Executions:
         its result; ``when_done`` is called when the work ends, whoever waited for it."""
         execution = Execution()
 
-        async def tracked() -> T:
-            _current.set(execution)
-            return await work()
-
-        task = asyncio.create_task(tracked())
+        # The work sees its Execution through a context of its own (no wrapping coroutine).
+        context = copy_context()
+        context.run(_current.set, execution)
+        task = asyncio.create_task(work(), context=context)
         self._running[task] = execution
         # What the RPC awaits: resolved when the work ends or the deadline comes, whichever is
         # first. One future and one timer per call, where wait_for(shield(task)) made three
