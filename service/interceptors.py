@@ -20,7 +20,6 @@ import contextlib
 import inspect
 import logging
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
@@ -109,8 +108,9 @@ class RpcObserver(grpc.aio.ServerInterceptor):
         self._limits = limits or Limits()
         self._client_names = client_names
         self._connections = connections  # told of each authenticated call's connection
-        self._slots = Slots(self._limits.max_concurrent_rpcs)
-        self._public = Slots(self._limits.max_public_streams)
+        self.slots = Slots(self._limits.max_concurrent_rpcs)
+        self.public_slots = Slots(self._limits.max_public_streams)
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self,
@@ -120,89 +120,55 @@ class RpcObserver(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        service, _, short = details.method.lstrip("/").rpartition("/")
+        # gRPC resolves the same handler object for a method on every call: wrap it once.
+        cached = self._wrapped.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(details.method, handler)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        service, _, short = method.lstrip("/").rpartition("/")
         if service in PUBLIC_SERVICES:
             if handler.unary_unary is not None:  # Health/Check: one short answer
                 return handler
-            return _wrap(handler, lambda context: self._call(short, context, public=True))
-        return _wrap(handler, lambda context: self._call(short, context, public=False), self)
+            return _wrap(handler, lambda context: _Call(self, short, context, public=True))
+        return _wrap(handler, lambda context: _Call(self, short, context, public=False), self)
 
-    async def read_request(self, requests: AsyncIterator[bytes], decode: Any) -> Any:
+    async def read_request(self, context: Context, decode: Any) -> Any:
         """The one request message, decoded; raises a FacadeError when it cannot be had."""
         timeout = self._limits.message_timeout
         try:
+            # context.read() rather than the request iterator: the same read without the
+            # async generator gRPC wraps around it.
             async with asyncio.timeout(timeout):
-                raw = await anext(requests)
+                raw = await context.read()
         except TimeoutError:
             raise DeadlineExceeded(
                 f"the request message did not arrive within {timeout:g}s"
             ) from None
-        except StopAsyncIteration:
+        if raw is grpc.aio.EOF:
             # gRPC ends the stream without a message both when the message was over the size
             # limit (it has then answered RESOURCE_EXHAUSTED itself) and when none was sent.
             raise ServerLimit(
                 "MESSAGE_REFUSED",
                 f"no request message of at most {self._limits.max_message_bytes} bytes arrived",
-            ) from None
+            )
         try:
             return decode(raw) if decode is not None else raw
         except DecodeError:
             descriptor = getattr(getattr(decode, "__self__", None), "DESCRIPTOR", None)
             raise InvalidRequest(wire_problems(raw, descriptor)) from None
 
-    @contextlib.asynccontextmanager
-    async def _call(self, short: str, context: Context, *, public: bool) -> AsyncIterator[None]:
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        with tracing.rpc_span(short, metadata) as span:
-            caller_trace = trace_id(metadata) or tracing.trace_id(span)
-            record = obs.RpcRecord(method=short, trace_id=caller_trace)
-            obs.begin_rpc(record)
-            slots = self._public if public else self._slots
-            admitted = False
-            held = None  # the connection's mark while an authenticated call runs
-            code, message = "OK", ""
-            try:
-                if not public:
-                    record.caller = self._caller(metadata, context)
-                    if self._connections is not None:
-                        held = self._connections.call_started(context.peer(), record.caller)
-                if not slots.take():
-                    raise ServerLimit(
-                        "CONCURRENCY_LIMIT",
-                        f"this replica is handling its maximum of {slots.limit} concurrent "
-                        f"{'health and reflection streams' if public else 'calls'}; retry shortly",
-                        retry_after=1.0,
-                    )
-                admitted = True
-                if not public:
-                    obs.RPCS_IN_FLIGHT.inc()
-                yield
-            except FacadeError as exc:
-                status = to_status(exc)
-                code, message = CODE_NAMES.get(status.code, "UNKNOWN"), str(exc)
-                await context.abort_with_status(_grpc_status(status))
-            except asyncio.CancelledError:
-                code, message = "CANCELLED", "the caller cancelled or its deadline passed"
-                raise
-            except Exception as exc:
-                if isinstance(exc, grpc.aio.AbortError):  # the behaviour aborted by itself
-                    code, message = _aborted(context)
-                    raise
-                log.exception("unexpected error", extra={"fields": {"method": short}})
-                status = to_status(exc)
-                code, message = "INTERNAL", status.message
-                await context.abort_with_status(_grpc_status(status))
-            finally:
-                UnauthenticatedConnections.call_ended(held)
-                if admitted:
-                    slots.give()
-                    if not public:
-                        obs.RPCS_IN_FLIGHT.dec()
-                # Public calls are logged only when refused: probes would flood the log.
-                if not public or not admitted:
-                    self._finish(record, code, message, span)
+    def call_started(self, context: Context, caller: str) -> Any:
+        """Tells the connection watch that an authenticated call runs on this connection; the
+        mark returned goes back to ``UnauthenticatedConnections.call_ended`` when it ends."""
+        if self._connections is None:
+            return None
+        return self._connections.call_started(context.peer(), caller)
 
-    def _caller(self, metadata: dict[str, str], context: Context) -> str:
+    def caller(self, metadata: dict[str, str], context: Context) -> str:
         if self._tokens is not None:
             return self._tokens.caller(metadata)
         certificate = context.auth_context()
@@ -218,22 +184,115 @@ class RpcObserver(grpc.aio.ServerInterceptor):
             )
         return name or ANONYMOUS
 
-    @staticmethod
-    def _finish(record: obs.RpcRecord, code: str, message: str, span: Any) -> None:
-        obs.RPCS.labels(method=record.method, code=code, caller=record.caller).inc()
-        obs.RPC_LATENCY.labels(method=record.method).observe(time.monotonic() - record.started)
-        obs.log_rpc(record, code, message)
-        if span is not None:  # tracing on: skip building attributes otherwise
-            tracing.finish(
-                span,
-                {
-                    "rpc.grpc.status_code": grpc.StatusCode[code].value[0],
-                    "flexwebchat.caller": record.caller,
-                    "flexwebchat.request_id": record.request_id,
-                    "flexwebchat.conversation_sid": record.conversation_sid,
-                },
-                error=message,
-            )
+
+class _Call:
+    """One call admitted, logged and counted around its behaviour (see RpcObserver): an async
+    context manager written out, as contextlib's generator-based one costs more on every call."""
+
+    __slots__ = (
+        "_admitted",
+        "_context",
+        "_held",
+        "_method",
+        "_observer",
+        "_public",
+        "_record",
+        "_scope",
+        "_slots",
+        "_span",
+    )
+
+    def __init__(self, observer: RpcObserver, method: str, context: Context, *, public: bool):
+        self._observer, self._method, self._context = observer, method, context
+        self._public = public
+        self._slots = observer.public_slots if public else observer.slots
+        self._admitted = False
+        self._held: Any = None  # the connection's mark while an authenticated call runs
+
+    async def __aenter__(self) -> None:
+        context = self._context
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        self._scope = tracing.rpc_span(self._method, metadata) if tracing.enabled() else None
+        self._span = self._scope.__enter__() if self._scope is not None else None
+        caller_trace = trace_id(metadata) or tracing.trace_id(self._span)
+        self._record = obs.RpcRecord(method=self._method, trace_id=caller_trace)
+        obs.begin_rpc(self._record)
+        slots = self._slots
+        try:
+            if not self._public:
+                self._record.caller = self._observer.caller(metadata, context)
+                self._held = self._observer.call_started(context, self._record.caller)
+            if not slots.take():
+                raise ServerLimit(
+                    "CONCURRENCY_LIMIT",
+                    f"this replica is handling its maximum of {slots.limit} concurrent "
+                    f"{'health and reflection streams' if self._public else 'calls'}; "
+                    "retry shortly",
+                    retry_after=1.0,
+                )
+        except BaseException as exc:
+            await self._failed(exc)
+            raise
+        self._admitted = True
+        if not self._public:
+            obs.RPCS_IN_FLIGHT.inc()
+
+    async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            self._end("OK", "")
+        else:
+            await self._failed(exc)  # re-raised by ``async with``, or replaced by an abort
+
+    async def _failed(self, exc: BaseException) -> None:
+        """The outcome of ``exc``, given to the caller (an abort) and then logged and counted."""
+        context = self._context
+        code, message = "OK", ""
+        try:
+            if isinstance(exc, FacadeError):
+                status = to_status(exc)
+                code, message = CODE_NAMES.get(status.code, "UNKNOWN"), str(exc)
+                await context.abort_with_status(_grpc_status(status))
+            elif isinstance(exc, asyncio.CancelledError):
+                code, message = "CANCELLED", "the caller cancelled or its deadline passed"
+            elif isinstance(exc, grpc.aio.AbortError):  # the behaviour aborted by itself
+                code, message = _aborted(context)
+            elif isinstance(exc, Exception):
+                log.exception(
+                    "unexpected error", exc_info=exc, extra={"fields": {"method": self._method}}
+                )
+                status = to_status(exc)
+                code, message = "INTERNAL", status.message
+                await context.abort_with_status(_grpc_status(status))
+        finally:
+            self._end(code, message)
+
+    def _end(self, code: str, message: str) -> None:
+        UnauthenticatedConnections.call_ended(self._held)
+        if self._admitted:
+            self._slots.give()
+            if not self._public:
+                obs.RPCS_IN_FLIGHT.dec()
+        # Public calls are logged only when refused: probes would flood the log.
+        if not self._public or not self._admitted:
+            _finish(self._record, code, message, self._span)
+        if self._scope is not None:
+            self._scope.__exit__(None, None, None)
+
+
+def _finish(record: obs.RpcRecord, code: str, message: str, span: Any) -> None:
+    obs.count_rpc(record, code)
+    obs.log_rpc(record, code, message)
+    if span is not None:  # tracing on: skip building attributes otherwise
+        tracing.finish(
+            span,
+            {
+                "rpc.grpc.status_code": grpc.StatusCode[code].value[0],
+                "flexwebchat.caller": record.caller,
+                "flexwebchat.request_id": record.request_id,
+                "flexwebchat.conversation_sid": record.conversation_sid,
+            },
+            error=message,
+        )
 
 
 Guard: TypeAlias = "Callable[[Context], contextlib.AbstractAsyncContextManager[None]]"
@@ -244,16 +303,16 @@ def _wrap(handler: Handler, guard: Guard, reader: RpcObserver | None = None) -> 
     one message is read (and timed out, and decoded) by the reader instead of by gRPC."""
     decode, encode = handler.request_deserializer, handler.response_serializer
 
-    async def first(requests: Any) -> Any:
+    async def first(context: Context) -> Any:
         assert reader is not None
-        return await reader.read_request(requests, decode)
+        return await reader.read_request(context, decode)
 
     if handler.unary_unary is not None:
         unary_unary = cast(Any, handler.unary_unary)
 
         async def unary_in_unary_out(requests: Any, context: Context) -> Any:
             async with guard(context):
-                request = await first(requests) if reader else requests
+                request = await first(context) if reader else requests
                 return await unary_unary(request, context)
 
         if reader is None:
@@ -268,7 +327,7 @@ def _wrap(handler: Handler, guard: Guard, reader: RpcObserver | None = None) -> 
 
         async def unary_in_stream_out(requests: Any, context: Context) -> AsyncIterator[Any]:
             async with guard(context):
-                request = await first(requests) if reader else requests
+                request = await first(context) if reader else requests
                 async for response in _responses(unary_stream(request, context)):
                     yield response
 

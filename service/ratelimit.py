@@ -92,8 +92,13 @@ class _Waiter:
     __slots__ = ("signal",)
 
     def __init__(self) -> None:
-        # Resolved when this waiter reaches the head, or when the limiter closes.
-        self.signal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # True when this waiter reaches the head or the limiter closes; False when its time is up.
+        self.signal: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+
+def _time_up(signal: asyncio.Future[bool]) -> None:
+    if not signal.done():
+        signal.set_result(False)
 
 
 class RateLimiter:
@@ -145,18 +150,20 @@ class RateLimiter:
 
     @staticmethod
     async def _park(waiter: _Waiter, seconds: float) -> bool:
-        """Waits up to ``seconds`` for the waiter's signal: True if it came."""
+        """Waits up to ``seconds`` for the waiter's signal: True if it came. One timer and the
+        signal itself are all a parked waiter holds (asyncio.wait_for adds a future and more)."""
+        signal = waiter.signal
+        timer = asyncio.get_running_loop().call_later(max(seconds, 0.0), _time_up, signal)
         try:
-            await asyncio.wait_for(waiter.signal, max(seconds, 0.0))
-        except TimeoutError:
-            return False
-        return True
+            return await signal
+        finally:
+            timer.cancel()
 
     def _leave(self, waiter: _Waiter) -> None:
         was_head = self._queue[0] is waiter
         self._queue.remove(waiter)
         if was_head and self._queue and not self._queue[0].signal.done():
-            self._queue[0].signal.set_result(None)
+            self._queue[0].signal.set_result(True)
 
     async def penalize(self, seconds: float) -> None:
         await self._schedule.penalize(seconds)
@@ -166,7 +173,7 @@ class RateLimiter:
         self._closed = True
         for waiter in self._queue:
             if not waiter.signal.done():
-                waiter.signal.set_result(None)  # wake: every waiter then sees the limiter closed
+                waiter.signal.set_result(True)  # wake: every waiter then sees the limiter closed
 
 
 class Unlimited:

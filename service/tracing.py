@@ -42,6 +42,10 @@ def configure() -> Callable[[], None] | None:
     return provider.shutdown
 
 
+def enabled() -> bool:
+    return _tracer is not None
+
+
 @contextlib.contextmanager
 def rpc_span(method: str, metadata: dict[str, str]) -> Iterator[Any]:
     """A server span for one RPC, child of the caller's traceparent when it sent one."""

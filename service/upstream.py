@@ -166,6 +166,9 @@ class TwilioHttp:
         """The first 2xx answer to ``request``, retried as the policy allows. An attempt starts
         only with its expected duration, plus ``reserve`` (for what must follow), still left."""
         estimate = self.estimate(request.endpoint)
+        # The first attempt waits for its turn before any retry machinery exists: a call queued
+        # behind the rate limit holds its place in the queue and little else (issue 12).
+        await self._admit(request, deadline, limiter, estimate.need() + reserve)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._settings.max_attempts)
             | stop_unless_attempt_fits(deadline, estimate)
@@ -176,32 +179,37 @@ class TwilioHttp:
             sleep=self._sleep,
             reraise=True,
         )
+        admitted = True
         async for attempt in retrying:
             with attempt:
-                return await self._attempt(request, deadline, limiter, estimate, reserve)
+                if not admitted:
+                    await self._admit(request, deadline, limiter, estimate.need() + reserve)
+                admitted = False
+                return await self._attempt(request, limiter, estimate)
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
+    @staticmethod
+    async def _admit(
+        request: UpstreamRequest, deadline: Deadline, limiter: Limiter | None, need: float
+    ) -> None:
+        """Waits for an attempt's turn: its rate-limit slot, with ``need`` seconds still left.
+        Raises (having taken nothing) when the turn would come too late."""
+        if request.creates and execution.current().abandoned:
+            raise DeadlineExceeded("the caller left; no further create is sent")
+        if limiter is None:
+            require_time_for(need, deadline)
+            return
+        try:
+            waited = await limiter.acquire(deadline, need)
+        except RateLimitExceeded:
+            obs.RATE_LIMIT_REFUSED.inc()
+            raise
+        obs.RATE_LIMIT_WAIT.observe(waited)
+
     async def _attempt(
-        self,
-        request: UpstreamRequest,
-        deadline: Deadline,
-        limiter: Limiter | None,
-        estimate: LatencyEstimate,
-        reserve: float,
+        self, request: UpstreamRequest, limiter: Limiter | None, estimate: LatencyEstimate
     ) -> httpx.Response:
         work = execution.current()
-        if request.creates and work.abandoned:
-            raise DeadlineExceeded("the caller left; no further create is sent")
-        need = estimate.need() + reserve
-        if limiter is not None:
-            try:
-                waited = await limiter.acquire(deadline, need)
-            except RateLimitExceeded:
-                obs.RATE_LIMIT_REFUSED.inc()
-                raise
-            obs.RATE_LIMIT_WAIT.observe(waited)
-        else:
-            require_time_for(need, deadline)
         if work.before_send is not None:
             await work.before_send()
         record = obs.current_rpc()
