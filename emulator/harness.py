@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -30,7 +31,27 @@ ADDRESS_SID = "IG" + "0123456789abcdef" * 2
 SERVICE = "flexwebchat.v1.WebChatService"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
+    """A free loopback port below the kernel's ephemeral range. A port from bind(0) lies in that
+    range, where any outgoing connection on the machine may take it before the server binds it."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(100):
+        port = random.randrange(max(low - 12000, 1024), low)  # noqa: S311 (a port, not a secret)
+        if port in _HANDED_OUT:  # free now, but maybe about to be bound by the one who asked
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            _HANDED_OUT.add(port)
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

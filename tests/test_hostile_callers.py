@@ -547,10 +547,22 @@ def test_idle_connections_cannot_take_the_health_ports_slots(make_facade, upstre
         GRPC_MAX_CONNECTIONS="4",
         GRPC_UNAUTHENTICATED_CONNECTION_SECONDS="1",
     )
-    holders = [RawConnection(health_port) for _ in range(4)]
+    holders: list[RawConnection] = []
     try:
-        for conn in holders:
-            conn.open(WATCH, body=grpc_frame(b""), end_stream=False)
+        give_up = time.monotonic() + 10
+        while len(holders) < 4 and time.monotonic() < give_up:  # every slot taken
+            try:
+                conn = RawConnection(health_port)
+            except OSError:  # a slot still held by the start-up probe's connection
+                time.sleep(0.1)
+                continue
+            try:
+                conn.open(WATCH, body=grpc_frame(b""), end_stream=False)
+                holders.append(conn)
+            except OSError:
+                conn.close()
+                time.sleep(0.1)
+        assert len(holders) == 4
         give_up = time.monotonic() + 10
         while time.monotonic() < give_up and not all(_closed_by_peer(c.sock) for c in holders):
             time.sleep(0.2)
@@ -563,7 +575,7 @@ def test_idle_connections_cannot_take_the_health_ports_slots(make_facade, upstre
         for conn in holders:
             conn.close()
     sample = 'flexwebchat_connections_closed_total{listener="health",reason="unauthenticated"}'
-    assert facade.metric(sample) == 4
+    assert facade.metric(sample) >= 4
 
 
 def test_a_revoked_callers_connection_loses_its_standing(
