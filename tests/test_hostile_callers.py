@@ -25,13 +25,16 @@ AUTH = [("authorization", f"Bearer {TOKEN}")]
 REQUEST = webchat_pb2.CreateWebChatRequest(address_sid=ADDRESS_SID)
 
 
-@pytest.fixture
-def guarded(make_facade, tmp_path: Path, upstream: EmulatorProcess) -> Any:
+def with_token(make_facade: Any, tmp_path: Path, url: str, **env: str) -> Any:
+    """A facade whose one caller, billing, holds TOKEN (in ``tmp_path / "tokens"``)."""
     tokens = tmp_path / "tokens"
     tokens.write_text(f"billing:{TOKEN}\n")
-    return make_facade(
-        upstream.url, AUTH_TOKENS_FILE=str(tokens), GRPC_REQUEST_MESSAGE_TIMEOUT_SECONDS="1"
-    )
+    return make_facade(url, AUTH_TOKENS_FILE=str(tokens), **env)
+
+
+@pytest.fixture
+def guarded(make_facade, tmp_path: Path, upstream: EmulatorProcess) -> Any:
+    return with_token(make_facade, tmp_path, upstream.url, GRPC_REQUEST_MESSAGE_TIMEOUT_SECONDS="1")
 
 
 def test_idle_unauthenticated_streams_cannot_take_the_callers_slots(guarded, upstream) -> None:
@@ -93,11 +96,10 @@ def test_idle_unauthenticated_streams_cannot_take_the_callers_slots(guarded, ups
 def test_the_concurrency_limit_is_logged_and_counted(
     make_facade, tmp_path: Path, unlimited_upstream: EmulatorProcess
 ) -> None:
-    tokens = tmp_path / "tokens"
-    tokens.write_text(f"billing:{TOKEN}\n")
-    facade = make_facade(
+    facade = with_token(
+        make_facade,
+        tmp_path,
         unlimited_upstream.url,
-        AUTH_TOKENS_FILE=str(tokens),
         FLEX_RATE_LIMIT_RPS="0",
         GRPC_MAX_CONCURRENT_RPCS="2",
     )
@@ -271,11 +273,10 @@ def test_clients_without_a_token_cannot_hold_the_connection_slots(
     """A health Check now and then keeps a connection from ever being idle. Without a token, it
     keeps it no longer than GRPC_UNAUTHENTICATED_CONNECTION_SECONDS, and one peer keeps no more
     than its share; connections that authenticated are never closed."""
-    tokens = tmp_path / "tokens"
-    tokens.write_text(f"billing:{TOKEN}\n")
-    facade = make_facade(
+    facade = with_token(
+        make_facade,
+        tmp_path,
         upstream.url,
-        AUTH_TOKENS_FILE=str(tokens),
         GRPC_MAX_CONNECTIONS="12",
         GRPC_UNAUTHENTICATED_CONNECTION_SECONDS="1",
         GRPC_MAX_UNAUTHENTICATED_CONNECTIONS_PER_PEER="4",
@@ -581,11 +582,10 @@ def test_idle_connections_cannot_take_the_health_ports_slots(make_facade, upstre
 def test_a_revoked_callers_connection_loses_its_standing(
     make_facade, tmp_path: Path, upstream: EmulatorProcess
 ) -> None:
-    tokens = tmp_path / "tokens"
-    tokens.write_text(f"billing:{TOKEN}\nsupport:tok-support-0123456789abcdef\n")
-    facade = make_facade(
-        upstream.url, AUTH_TOKENS_FILE=str(tokens), GRPC_UNAUTHENTICATED_CONNECTION_SECONDS="1"
+    facade = with_token(
+        make_facade, tmp_path, upstream.url, GRPC_UNAUTHENTICATED_CONNECTION_SECONDS="1"
     )
+    tokens = tmp_path / "tokens"
     channel = grpc.insecure_channel(facade.target, options=[("grpc.use_local_subchannel_pool", 1)])
     assert channel.unary_unary(CREATE)(REQUEST.SerializeToString(), metadata=AUTH, timeout=5)
     tokens.write_text("support:tok-support-0123456789abcdef\n")  # billing revoked
