@@ -89,11 +89,12 @@ class Executions:
                 after_caller_left(done.result())
 
         task.add_done_callback(finished)
-        remaining = deadline.remaining()
-        timer = asyncio.get_running_loop().call_later(remaining, _wake, woken)
+        # Awaited even when no time is left: the work's first step is scheduled before any
+        # wake-up of this coroutine, so work that holds something (a claimed request_id) always
+        # enters the code that gives it back before it can be cancelled.
+        timer = asyncio.get_running_loop().call_later(deadline.remaining(), _wake, woken)
         try:
-            if remaining > 0:
-                await woken
+            await woken
         except asyncio.CancelledError:
             if task.done():  # as wait_for: the work's outcome wins over a late cancellation
                 return task.result()

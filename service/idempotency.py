@@ -117,6 +117,15 @@ class IdempotencyStore:
     ) -> Record:
         """The record of the one execution of ``work`` for ``key``; ``done`` and ``ok`` tell how
         it ended. Raises the live error of this call when its own execution failed transiently."""
+        record = await self.claim(key, fingerprint, deadline)
+        if record.done:
+            return record
+        return await self.execute(key, record, work)
+
+    async def claim(self, key: str, fingerprint: str, deadline: Deadline) -> Record:
+        """The stored outcome for ``key`` (``done``), or this call's own pending record once it
+        has claimed the id: then it must ``execute`` it. Sends nothing, so a replay needs no
+        task of its own (issue 12: CPU per replay)."""
         mine = Record(fingerprint=fingerprint, owner=uuid.uuid4().hex)
         while (existing := await self.backend.claim(key, mine, self.lock)) is not None:
             if existing.fingerprint != fingerprint:
@@ -141,11 +150,11 @@ class IdempotencyStore:
             await self._sleep(POLL_SECONDS)
         obs.IDEMPOTENCY.labels(outcome="executed").inc()
         obs.current_rpc().idempotency = "executed"
-        return await self._execute(key, mine, work)
+        return mine
 
-    async def _execute(
-        self, key: str, mine: Record, work: Callable[[], Awaitable[bytes]]
-    ) -> Record:
+    async def execute(self, key: str, mine: Record, work: Callable[[], Awaitable[bytes]]) -> Record:
+        """Runs ``work`` for the id ``claim`` gave this call, and stores its outcome; on a
+        transient failure or cancellation the id is freed for a retry."""
         heartbeat = asyncio.create_task(self._heartbeat(key, mine.owner))
         try:
             final = replace(mine, done=True, ok=True, payload=await work())

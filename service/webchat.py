@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from typing import TypeAlias
 
 import grpc
@@ -76,11 +77,7 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
         give_back = self._quota.take(rpc.caller)  # until the work ends, even after the caller
         if request.request_id:
             rpc.request_id = request.request_id
-            response = await self.executions.run(
-                lambda: self._create_once(request, params, deadline),
-                deadline,
-                when_done=give_back,
-            )
+            response = await self._create_once(request, params, deadline, give_back)
         else:
             response = await self.executions.run(
                 lambda: self._create_unkeyed(params, deadline),
@@ -109,9 +106,16 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
         return response
 
     async def _create_once(
-        self, request: webchat_pb2.CreateWebChatRequest, params: WebChatParams, deadline: Deadline
+        self,
+        request: webchat_pb2.CreateWebChatRequest,
+        params: WebChatParams,
+        deadline: Deadline,
+        give_back: Callable[[], None],
     ) -> webchat_pb2.CreateWebChatResponse:
-        """At most one execution per request_id; later calls get the stored outcome."""
+        """At most one execution per request_id; later calls get the stored outcome.
+
+        The id is claimed (or its stored outcome found) in the RPC itself: that sends nothing, so
+        a replay runs no task of its own. Only the execution, which may send, gets one."""
 
         key = record_key(request.request_id, obs.current_rpc().caller)
 
@@ -137,7 +141,20 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
                 raise
             return response.SerializeToString()
 
-        record = await self.idempotency.run(key, fingerprint(request), work, deadline)
+        try:
+            record = await self.idempotency.claim(key, fingerprint(request), deadline)
+        except BaseException:
+            give_back()
+            raise
+        if record.done:
+            give_back()
+        else:
+            claimed = record
+            record = await self.executions.run(
+                lambda: self.idempotency.execute(key, claimed, work),
+                deadline,
+                when_done=give_back,
+            )
         if not record.ok:
             raise ReplayedError(status_pb2.Status.FromString(record.payload))
         response = webchat_pb2.CreateWebChatResponse.FromString(record.payload)

@@ -174,3 +174,18 @@ async def test_the_readme_states_the_worst_case_memory_of_in_process_records() -
     assert row, "the configuration table states the size of a record"
     stated = float(row.group(1)) * (1000 if row.group(2) == "KB" else 1)
     assert measured <= stated, f"a record takes {measured:.0f} bytes; the README says {stated:.0f}"
+
+
+async def test_an_id_claimed_with_no_time_left_is_freed_at_once() -> None:
+    """The RPC claims the id, then runs the execution in a task; a deadline already past must
+    still let the task free the id (not leave it locked until the lock expires)."""
+    from service.execution import Executions
+
+    ids, executions, work = store(lock=30), Executions(), Work()
+    claimed = await ids.claim("id", "fp", Deadline.after(5))
+    assert not claimed.done
+    with pytest.raises(DeadlineExceeded):
+        await executions.run(lambda: ids.execute("id", claimed, Work(delay=10)), Deadline.after(0))
+    await asyncio.sleep(0.01)  # the cancelled execution gives the id back
+    again = await ids.run("id", "fp", work, Deadline.after(0.5))
+    assert again.payload == b"chat-11"
