@@ -1,11 +1,13 @@
 """Upstream work that outlives its caller once a request may have left.
 
-Each call's upstream work runs in a task of its own; the RPC waits for it until the caller's
-deadline. When the caller leaves (deadline, cancellation, connection ageing, drain) before any
-request went out, the work is cancelled: nothing was sent, and a queued call gives its rate-limit
-turn back. Once a request may have left, the work is never abandoned: the attempt runs to its own
-timeout in the background, no further create starts, and what it produced is kept (stored for a
-request_id, or reported as an orphan without one). The drain waits for these.
+The upstream work that may send runs in a task of its own; the RPC waits for it until the
+caller's deadline. What sends nothing (a replay of a stored outcome, a wait for a rate-limit
+turn) runs in the RPC itself, with no task. When the caller leaves (deadline, cancellation,
+connection ageing, drain) before any request went out, the work is cancelled: nothing was sent,
+and a queued call gives its rate-limit turn back. Once a request may have left, the work is never
+abandoned: the attempt runs to its own timeout in the background, no further create starts, and
+what it produced is kept (stored for a request_id, or reported as an orphan without one). The
+drain waits for these.
 """
 
 from __future__ import annotations

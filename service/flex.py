@@ -37,6 +37,7 @@ class FlexClient:
         self._settings = settings
         self._limiter = limiter
         self._url = httpx.URL(settings.base_url + WEBCHATS_PATH)  # parsed once, not per call
+        self._request_shape = UpstreamRequest("webchats", self._url, creates=True)  # for turns
 
     async def create_web_chat(
         self,
@@ -45,9 +46,11 @@ class FlexClient:
         *,
         retry_ambiguous: bool,
         reserve: float = 0.0,
+        admitted: bool = False,
     ) -> WebChat:
         """POST /v2/WebChats under the retry policy; raises a FacadeError on failure. An attempt
-        starts only if ``reserve`` seconds (for what follows the create) will be left too."""
+        starts only if ``reserve`` seconds (for what follows the create) will be left too.
+        ``admitted``: the first attempt's turn was taken with ``wait_turn``."""
         headers = {}
         ui_version = params.ui_version or self._settings.ui_version
         if ui_version:
@@ -58,8 +61,15 @@ class FlexClient:
             retry_ambiguous=retry_ambiguous or self._settings.retry_ambiguous,
             limiter=self._limiter,
             reserve=reserve,
+            admitted=admitted,
         )
         return _web_chat(response)
+
+    async def wait_turn(self, deadline: Deadline, *, reserve: float = 0.0) -> None:
+        """Waits for a create's turn at the rate limit (refused, having taken nothing, when it
+        would come too late); ``create_web_chat(..., admitted=True)`` then sends at once. Nothing
+        is sent while waiting, so the caller may wait without a task of its own (issue 12)."""
+        await self._twilio.wait_turn(self._request_shape, deadline, self._limiter, reserve)
 
 
 def _web_chat(response: httpx.Response) -> WebChat:

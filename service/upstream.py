@@ -162,13 +162,16 @@ class TwilioHttp:
         retry_ambiguous: bool,
         limiter: Limiter | None = None,
         reserve: float = 0.0,
+        admitted: bool = False,
     ) -> httpx.Response:
         """The first 2xx answer to ``request``, retried as the policy allows. An attempt starts
-        only with its expected duration, plus ``reserve`` (for what must follow), still left."""
+        only with its expected duration, plus ``reserve`` (for what must follow), still left.
+        ``admitted``: the first attempt's turn was already taken with ``wait_turn``."""
         estimate = self.estimate(request.endpoint)
         # The first attempt waits for its turn before any retry machinery exists: a call queued
         # behind the rate limit holds its place in the queue and little else (issue 12).
-        await self._admit(request, deadline, limiter, estimate.need() + reserve)
+        if not admitted:
+            await self._admit(request, deadline, limiter, estimate.need() + reserve)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._settings.max_attempts)
             | stop_unless_attempt_fits(deadline, estimate)
@@ -187,6 +190,15 @@ class TwilioHttp:
                 admitted = False
                 return await self._attempt(request, limiter, estimate)
         raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    async def wait_turn(
+        self, request: UpstreamRequest, deadline: Deadline, limiter: Limiter, reserve: float
+    ) -> None:
+        """Waits for the first attempt's turn, as ``send`` would, for a caller that waits outside
+        the work that sends (then ``send(..., admitted=True)``)."""
+        await self._admit(
+            request, deadline, limiter, self.estimate(request.endpoint).need() + reserve
+        )
 
     @staticmethod
     async def _admit(

@@ -19,6 +19,7 @@ from .config import Settings
 from .conversations import ConversationsClient
 from .deadline import Deadline
 from .errors import (
+    DeadlineExceeded,
     FacadeError,
     MaybeProcessed,
     ReplayedError,
@@ -79,12 +80,7 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
             rpc.request_id = request.request_id
             response = await self._create_once(request, params, deadline, give_back)
         else:
-            response = await self.executions.run(
-                lambda: self._create_unkeyed(params, deadline),
-                deadline,
-                after_caller_left=_orphaned,
-                when_done=give_back,
-            )
+            response = await self._create_unkeyed(params, deadline, give_back)
         if request.issue_token:
             # Never stored: a replay gets a fresh token for the stored identity.
             _set_token(response, self._mint(response.identity, via="create"))
@@ -162,22 +158,55 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
         return response
 
     async def _create_unkeyed(
-        self, params: WebChatParams, deadline: Deadline
+        self, params: WebChatParams, deadline: Deadline, give_back: Callable[[], None]
     ) -> webchat_pb2.CreateWebChatResponse:
         """Without a request_id nobody can tell a retry from a new chat: ambiguous failures are
-        not retried (unless FLEX_RETRY_AMBIGUOUS), and not reported as retryable."""
+        not retried (unless FLEX_RETRY_AMBIGUOUS), and not reported as retryable.
+
+        The call waits for its turn at the rate limit in the RPC itself, with nothing sent and
+        nothing held but its place in the queue (issue 12: memory per waiting call); the work
+        that sends, and must outlive its caller, gets a task once the turn has come."""
         try:
-            return await self._create(params, deadline, retry_ambiguous=False, recorded=False)
+            await self._flex.wait_turn(deadline, reserve=self._reserve(params))
+            if not deadline.remaining():  # a turn that came late (shared state slow): send nothing
+                raise DeadlineExceeded("the deadline passed before Twilio answered")
+        except BaseException:
+            give_back()
+            raise
+        return await self.executions.run(
+            lambda: self._send_unkeyed(params, deadline),
+            deadline,
+            after_caller_left=_orphaned,
+            when_done=give_back,
+        )
+
+    async def _send_unkeyed(
+        self, params: WebChatParams, deadline: Deadline
+    ) -> webchat_pb2.CreateWebChatResponse:
+        try:
+            return await self._create(
+                params, deadline, retry_ambiguous=False, recorded=False, admitted=True
+            )
         except FacadeError as exc:
             if is_ambiguous(exc):
                 raise MaybeProcessed(exc) from exc
             raise
 
     async def _create(
-        self, params: WebChatParams, deadline: Deadline, *, retry_ambiguous: bool, recorded: bool
+        self,
+        params: WebChatParams,
+        deadline: Deadline,
+        *,
+        retry_ambiguous: bool,
+        recorded: bool,
+        admitted: bool = False,
     ) -> webchat_pb2.CreateWebChatResponse:
         chat = await self._flex.create_web_chat(
-            params, deadline, retry_ambiguous=retry_ambiguous, reserve=self._reserve(params)
+            params,
+            deadline,
+            retry_ambiguous=retry_ambiguous,
+            reserve=self._reserve(params),
+            admitted=admitted,
         )
         return await self._respond(chat, params, deadline, post_message=True, recorded=recorded)
 

@@ -276,6 +276,21 @@ def test_work_that_outlived_its_callers_counts_against_their_quota(
     assert facade.create(timeout=5).conversation_sid
 
 
+def test_callers_that_leave_the_rate_limit_queue_give_their_quota_back(
+    make_facade: Any, upstream: EmulatorProcess
+) -> None:
+    """A call waiting for its turn holds a place in its caller's quota; refused while it
+    waits (or cancelled: the same path), it gives the place back, having sent nothing."""
+    facade = make_facade(upstream.url, FLEX_MAX_PENDING_PER_CALLER="2", FLEX_RATE_LIMIT_RPS="0.5")
+    assert facade.create(timeout=5).conversation_sid  # takes the slot: the next is 2 s away
+    for _ in range(3):  # more than the quota: each is refused for the rate, not the quota
+        with pytest.raises(grpc.RpcError) as refused:
+            facade.create(timeout=1.0)
+        assert rich_status(refused.value)["ErrorInfo"].reason != "CALLER_QUOTA"
+    assert len(upstream.requests()) == 1
+    assert facade.create(timeout=5).conversation_sid  # every place was given back
+
+
 @pytest.mark.parametrize(
     "forged",
     [b"inf", b"1e400", b"9999999999999", b"not a time", ["a list"]],
