@@ -30,9 +30,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import observability as obs
 from .deadline import Deadline
@@ -106,7 +106,7 @@ class IdempotencyStore:
         self.ttl = ttl_seconds
         self.lock = lock_seconds
         self._sleep = sleep
-        self._storing: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
 
     async def run(
         self,
@@ -127,7 +127,7 @@ class IdempotencyStore:
         has claimed the id: then it must ``execute`` it. Sends nothing, so a replay needs no
         task of its own (issue 12: CPU per replay)."""
         mine = Record(fingerprint=fingerprint, owner=uuid.uuid4().hex)
-        while (existing := await self.backend.claim(key, mine, self.lock)) is not None:
+        while (existing := await self._claim(key, mine)) is not None:
             if existing.fingerprint != fingerprint:
                 obs.IDEMPOTENCY.labels(outcome="conflict").inc()
                 raise InvalidRequest(
@@ -163,8 +163,8 @@ class IdempotencyStore:
         except BaseException:
             # Transient failure or cancellation: free the id for a retry.
             heartbeat.cancel()
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.backend.release(key, mine.owner))
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(self._release(key, mine.owner))
             raise
         try:
             stored = await self.backend.complete(key, final, self.ttl)
@@ -175,14 +175,48 @@ class IdempotencyStore:
                 "could not store the outcome of a request_id yet; retrying in the background",
                 extra={"fields": {"error": str(exc)}},
             )
-            task = asyncio.create_task(self._store_until_stored(key, final, heartbeat))
-            self._storing.add(task)
-            task.add_done_callback(self._storing.discard)
+            self._track(self._store_until_stored(key, final, heartbeat))
             return final
         heartbeat.cancel()
         if not stored:
             _taken_over()
         return final
+
+    async def _claim(self, key: str, mine: Record) -> Record | None:
+        try:
+            return await self.backend.claim(key, mine, self.lock)
+        except BaseException:
+            # The claim may have been applied (a stalled Redis carries out the command after
+            # the caller left or the socket timed out): free it, or the id stays locked by no
+            # one until the lock lapses. A release acts only for its owner, so it is safe.
+            self._track(self._release_until_released(key, mine.owner))
+            raise
+
+    async def _release(self, key: str, owner: str) -> None:
+        """Frees the id now if the records answer, else keeps trying in the background."""
+        try:
+            await self.backend.release(key, owner)
+        except FacadeError:
+            self._track(self._release_until_released(key, owner))
+
+    async def _release_until_released(self, key: str, owner: str) -> None:
+        give_up = time.monotonic() + self.lock  # by then the lock has lapsed by itself
+        delay = 0.2
+        while True:
+            try:
+                await self.backend.release(key, owner)
+                return
+            except FacadeError:
+                if time.monotonic() + delay >= give_up:
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def _track(self, work: Coroutine[Any, Any, None]) -> None:
+        """Background record work, which the drain waits for."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _store_until_stored(
         self, key: str, final: Record, heartbeat: asyncio.Task[None]
@@ -205,12 +239,14 @@ class IdempotencyStore:
             heartbeat.cancel()
 
     async def drain(self, within: float) -> None:
-        """Waits for outcomes still being stored, at most ``within`` seconds."""
-        if self._storing:
-            _, pending = await asyncio.wait(set(self._storing), timeout=within)
+        """Waits for outcomes still being stored and ids still being freed, at most ``within``
+        seconds."""
+        if self._background:
+            _, pending = await asyncio.wait(set(self._background), timeout=within)
             if pending:
                 log.error(
-                    "stopped with request_id outcomes unstored; retries may run them again",
+                    "stopped with request_id outcomes unstored or ids not yet freed; retries "
+                    "may run them again, or wait for their locks to lapse",
                     extra={"fields": {"count": len(pending)}},
                 )
 

@@ -189,3 +189,45 @@ async def test_an_id_claimed_with_no_time_left_is_freed_at_once() -> None:
     await asyncio.sleep(0.01)  # the cancelled execution gives the id back
     again = await ids.run("id", "fp", work, Deadline.after(0.5))
     assert again.payload == b"chat-11"
+
+
+async def test_an_id_claimed_by_a_stalled_store_is_freed_when_it_answers() -> None:
+    """A stalled Redis carries out a claim after the caller left (or its socket timed out): the
+    id would stay locked by no one until the lock lapsed. It is freed as soon as the store
+    answers again; a failed release after a transient failure is retried the same way."""
+    from service.errors import SharedStateUnavailable
+
+    class Stalled(LocalRecords):
+        down = True
+
+        async def claim(self, key: str, record: Record, lock_seconds: float) -> Record | None:
+            existing = await super().claim(key, record, lock_seconds)  # applied...
+            if self.down:
+                raise SharedStateUnavailable("TimeoutError")  # ...but the answer is lost
+            return existing
+
+        async def release(self, key: str, owner: str) -> None:
+            if self.down:
+                raise SharedStateUnavailable("TimeoutError")
+            await super().release(key, owner)
+
+    records = Stalled()
+    ids = IdempotencyStore(records, ttl_seconds=60, lock_seconds=30)
+    with pytest.raises(SharedStateUnavailable):
+        await ids.run("id", "fp", Work(), Deadline.after(5))
+    records.down = False
+    await asyncio.sleep(0.5)  # the background release's next try
+    work = Work()
+    assert (await ids.run("id", "fp", work, Deadline.after(1))).payload == b"chat-11"
+    assert work.calls == 1  # the id was free at once, long before its 30 s lock lapsed
+
+    async def transient() -> bytes:
+        records.down = True
+        raise UpstreamUnreachable("refused", maybe_processed=False)
+
+    with pytest.raises(UpstreamUnreachable):
+        await ids.run("id2", "fp", transient, Deadline.after(5))
+    records.down = False
+    await asyncio.sleep(0.5)
+    assert (await ids.run("id2", "fp", Work(), Deadline.after(1))).ok
+    await ids.drain(within=1)
