@@ -36,6 +36,7 @@ import ipaddress
 import logging
 import os
 import socket
+import sys
 import time
 import urllib.parse
 from collections import defaultdict
@@ -250,7 +251,9 @@ def _parse_peer(peer: str) -> Peer | None:
 def _from_hex(host: str) -> str:
     """An address as the kernel's tables write it: 32-bit words, each in host byte order."""
     raw = bytes.fromhex(host)
-    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    words = raw
+    if sys.byteorder == "little":
+        words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
     family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
     return _normalize(socket.inet_ntop(family, words))
 
