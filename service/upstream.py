@@ -171,7 +171,7 @@ class TwilioHttp:
         # The first attempt waits for its turn before any retry machinery exists: a call queued
         # behind the rate limit holds its place in the queue and little else (issue 12).
         if not admitted:
-            await self._admit(request, deadline, limiter, estimate.need() + reserve)
+            await self.wait_turn(request, deadline, limiter, reserve)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._settings.max_attempts)
             | stop_unless_attempt_fits(deadline, estimate)
@@ -182,32 +182,28 @@ class TwilioHttp:
             sleep=self._sleep,
             reraise=True,
         )
-        admitted = True
+        first = True  # its turn is taken above; each retry waits for its own
         async for attempt in retrying:
             with attempt:
-                if not admitted:
-                    await self._admit(request, deadline, limiter, estimate.need() + reserve)
-                admitted = False
+                if not first:
+                    await self.wait_turn(request, deadline, limiter, reserve)
+                first = False
                 return await self._attempt(request, limiter, estimate)
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
     async def wait_turn(
-        self, request: UpstreamRequest, deadline: Deadline, limiter: Limiter, reserve: float
+        self,
+        request: UpstreamRequest,
+        deadline: Deadline,
+        limiter: Limiter | None,
+        reserve: float = 0.0,
     ) -> None:
-        """Waits for the first attempt's turn, as ``send`` would, for a caller that waits outside
-        the work that sends (then ``send(..., admitted=True)``)."""
-        await self._admit(
-            request, deadline, limiter, self.estimate(request.endpoint).need() + reserve
-        )
-
-    @staticmethod
-    async def _admit(
-        request: UpstreamRequest, deadline: Deadline, limiter: Limiter | None, need: float
-    ) -> None:
-        """Waits for an attempt's turn: its rate-limit slot, with ``need`` seconds still left.
-        Raises (having taken nothing) when the turn would come too late."""
+        """Waits for an attempt's turn: its rate-limit slot, with the attempt's expected duration
+        plus ``reserve`` still left; raises (having taken nothing) when it would come too late.
+        A caller may wait outside the work that sends, then ``send(..., admitted=True)``."""
         if request.creates and execution.current().abandoned:
             raise DeadlineExceeded("the caller left; no further create is sent")
+        need = self.estimate(request.endpoint).need() + reserve
         if limiter is None:
             require_time_for(need, deadline)
             return
