@@ -114,6 +114,11 @@ class CallerTokens:
         return found
 
 
+def is_reserved(name: str) -> bool:
+    """``anonymous`` in any case: no token, certificate or allowed name may claim it."""
+    return name.lower() == ANONYMOUS
+
+
 def _parse_tokens(raw: bytes) -> tuple[list[tuple[str, bytes]], list[str]]:
     """The valid (name, token) lines, and a description of each invalid one (never its text).
 
@@ -131,7 +136,7 @@ def _parse_tokens(raw: bytes) -> tuple[list[tuple[str, bytes]], list[str]]:
                 f"line {number}: expected 'name:token', the name of 1 to 64 ASCII letters, "
                 "digits, '.', '_' or '-', the token of at least 16 characters"
             )
-        elif name.lower() == ANONYMOUS.encode():
+        elif is_reserved(name.decode()):
             problems.append(f"line {number}: the name {ANONYMOUS!r} is reserved")
         else:
             tokens.append((name.decode(), token))
@@ -216,7 +221,7 @@ def _configuration(contents: list[bytes]) -> grpc.ServerCertificateConfiguration
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """TLS credentials for the gRPC port, or None for plaintext."""
-    if ANONYMOUS in settings.tls_client_names:
+    if any(is_reserved(name) for name in settings.tls_client_names):
         raise ConfigError(f"TLS_CLIENT_NAMES: the name {ANONYMOUS!r} is reserved")
     if settings.tls_client_names and not settings.tls_client_ca_file:
         raise ConfigError("TLS_CLIENT_NAMES needs TLS_CLIENT_CA_FILE (mutual TLS)")

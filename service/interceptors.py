@@ -31,7 +31,7 @@ from grpc_status import rpc_status
 
 from . import observability as obs
 from . import tracing
-from .auth import ANONYMOUS, CallerTokens
+from .auth import ANONYMOUS, CallerTokens, is_reserved
 from .connections import UnauthenticatedConnections
 from .errors import (
     DeadlineExceeded,
@@ -176,7 +176,7 @@ class RpcObserver(grpc.aio.ServerInterceptor):
         name = names[0].decode(errors="backslashreplace") if names else ""
         if self._client_names and name not in self._client_names:
             raise Unauthenticated("the client certificate's name is not allowed")
-        if certificate.get("x509_pem_cert") and name.lower() in ("", ANONYMOUS):
+        if certificate.get("x509_pem_cert") and (not name or is_reserved(name)):
             # Would share the records of unauthenticated callers (webchat.record_key).
             raise Unauthenticated(
                 f"the client certificate needs a common name other than {ANONYMOUS!r}: "

@@ -155,6 +155,7 @@ def test_loopback_http_is_allowed_for_the_emulator() -> None:
         ),
         # Unauthenticated callers' records are filed under "anonymous".
         ({"TLS_CLIENT_NAMES": "billing,anonymous"}, "TLS_CLIENT_NAMES: the name 'anonymous'"),
+        ({"TLS_CLIENT_NAMES": "Anonymous"}, "TLS_CLIENT_NAMES: the name 'anonymous'"),
     ],
 )
 def test_startup_refuses_with_one_line_and_nonzero_exit(env: dict[str, str], reason: str) -> None:
