@@ -49,17 +49,28 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 _HEX = re.compile(r"[0-9a-f]+")
 
 # The arithmetic of service.ratelimit.Gcra, in microseconds of Redis server time.
+# SCHEDULE reads the stored schedule: 0 when there is none, nil when it is not a number (nan,
+# garbage, or a key of another type: redis.pcall, so that WRONGTYPE is bad state like any other,
+# never an error that would fail every call for as long as the key lives).
+SCHEDULE = """
+local function stored_tat()
+  local raw = redis.pcall('GET', KEYS[1])
+  if type(raw) == 'table' then return nil end
+  local tat = tonumber(raw or '0')
+  if tat ~= tat then return nil end  -- nan
+  return tat
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+"""
 # KEYS: schedule. ARGV: interval, tolerance, furthest a legitimate schedule can be ahead. Takes a
 # slot if one is due (returns 0), else returns the microseconds until one is, taking nothing; -1
 # when the stored schedule was garbage, of another type or out of range (then it is deleted).
-# redis.pcall: a key of another type (WRONGTYPE) is bad state like any other, never an error
-# that would fail every call for as long as the key lives.
-TAKE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local raw = redis.pcall('GET', KEYS[1])
-local tat = type(raw) ~= 'table' and tonumber(raw or '0') or nil
-if tat == nil or tat ~= tat or tat > now + tonumber(ARGV[3]) then  -- tat ~= tat: nan
+TAKE = (
+    SCHEDULE
+    + """
+local tat = stored_tat()
+if tat == nil or tat > now + tonumber(ARGV[3]) then
   redis.call('DEL', KEYS[1])
   return -1
 end
@@ -70,21 +81,19 @@ local idle_ms = math.ceil((new_tat - now) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', idle_ms)
 return 0
 """
+)
 # KEYS: schedule. ARGV: tolerance, penalty. No slot comes due before now + penalty. A garbage or
 # out-of-range schedule, or a key of another type, is overwritten.
-PENALIZE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local raw = redis.pcall('GET', KEYS[1])
-if type(raw) == 'table' then raw = false end
-local tat = tonumber(raw or '0') or 0
-if tat ~= tat then tat = 0 end  -- nan
-tat = math.min(tat, now)
+PENALIZE = (
+    SCHEDULE
+    + """
+local tat = math.min(stored_tat() or 0, now)
 local new_tat = math.max(tat, now + tonumber(ARGV[2]) + tonumber(ARGV[1]))
 local idle_ms = math.ceil((new_tat - now) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', idle_ms)
 return 0
 """
+)
 # Idempotency records are JSON; only their owner may refresh, complete or release a pending one.
 # RECORD reads the one at KEYS[1]: nil when there is none, or what is there is not a record (not
 # JSON, or a key of another type), so such a key never turns into a script error.
@@ -241,20 +250,22 @@ class RedisRecords:
             existing = await self._client.set(
                 self._key(key), self._encode(key, record), nx=True, px=_ms(lock_seconds), get=True
             )
+        except RedisError as exc:
+            if not _wrong_type(exc):
+                raise _unavailable(exc) from None
+            reason = "is of another type"
+        else:
             if existing is None:
                 return None
-            return self._decode(key, cast(bytes, existing))
-        except (ValueError, ResponseError) as exc:
-            if isinstance(exc, RedisError) and not _wrong_type(exc):
-                raise _unavailable(exc) from None
-            # Not ours, damaged or not even a string: never replay it. An expiry (if it had
-            # none) lets the id recover once a dead owner's lock would have expired.
-            with contextlib.suppress(RedisError):
-                await self._client.pexpire(self._key(key), _ms(lock_seconds), nx=True)
-            reason = "is of another type" if isinstance(exc, RedisError) else str(exc)
-            raise _untrusted(f"an idempotency record {reason}") from None
-        except RedisError as exc:
-            raise _unavailable(exc) from None
+            try:
+                return self._decode(key, cast(bytes, existing))
+            except ValueError as exc:
+                reason = str(exc)
+        # Not ours, damaged or not even a string: never replay it. An expiry (if it had none)
+        # lets the id recover once a dead owner's lock would have expired.
+        with contextlib.suppress(RedisError):
+            await self._client.pexpire(self._key(key), _ms(lock_seconds), nx=True)
+        raise _untrusted(f"an idempotency record {reason}")
 
     async def refresh(self, key: str, owner: str, lock_seconds: float) -> None:
         await self._run(self._refresh, key, owner, _ms(lock_seconds))
