@@ -33,6 +33,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -464,6 +465,8 @@ def main() -> None:
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
         "load_average_before": os.getloadavg(),
+        # make bench: the runtime-only install, as in the image (emulator/harness.start_facade)
+        "facade_python": os.environ.get("FLEXWEBCHAT_FACADE_PYTHON") or sys.executable,
     }
     facades: list[Path | None] = [None] if args.before is None else [None, args.before]
     with tempfile.TemporaryDirectory() as tmp:
@@ -514,6 +517,7 @@ def main() -> None:
     results["load_average_after"] = os.getloadavg()
     load = " ".join(f"{v:.2f}" for v in results["load_average_before"])
     print(f"   load average before the run: {load} ({results['cpus']} CPUs)")
+    print(f"   the facade ran on {results['facade_python']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
         print(f"   results as JSON: {args.json}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import statistics
 import subprocess
 import sys
@@ -378,7 +379,8 @@ def print_cheap(rows: list[Row], rounds: int) -> None:
 
 
 def print_start(starts: list[float]) -> None:
-    print("9. Start to SERVING (spawn `python -m service` to health SERVING, polled every 50 ms)")
+    module = "flexwebchat_server" if os.environ.get("FLEXWEBCHAT_FACADE_PYTHON") else "service"
+    print(f"9. Start to SERVING (spawn `python -m {module}` to health SERVING, polled every 50 ms)")
     values = " ".join(f"{s:.2f}" for s in starts)
     print(
         f"{'median of ' + str(len(starts)) + ' starts':<44} {statistics.median(starts):7.2f} s"

@@ -209,11 +209,17 @@ def start_facade(
     env: dict[str, str], log_path: Path, checkout: Path | None = None
 ) -> FacadeProcess:
     """The facade of this checkout, or of ``checkout`` (another one, with its own ``.venv``:
-    how the benchmark measures an older commit)."""
-    python = sys.executable if checkout is None else str(checkout / ".venv" / "bin" / "python")
+    how the benchmark measures an older commit). With ``FLEXWEBCHAT_FACADE_PYTHON`` set (``make
+    bench`` does), this checkout's facade runs on that interpreter as the image runs it: ``python
+    -m flexwebchat_server`` with the runtime dependencies only, none of the test tools."""
+    command = [sys.executable, "-m", "service"]
+    if checkout is not None:
+        command[0] = str(checkout / ".venv" / "bin" / "python")
+    elif os.environ.get("FLEXWEBCHAT_FACADE_PYTHON"):
+        command = [os.environ["FLEXWEBCHAT_FACADE_PYTHON"], "-m", "flexwebchat_server"]
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            [python, "-m", "service"],
+            command,
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
