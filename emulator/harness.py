@@ -228,24 +228,35 @@ def start_facade(
     facade = FacadeProcess(proc, int(env["GRPC_PORT"]), int(env.get("METRICS_PORT", "0")), log_path)
     # Under TLS the plaintext HEALTH_PORT is what a kubelet (and this wait) probes.
     probe_port = env.get("HEALTH_PORT") or env["GRPC_PORT"]
-    with grpc.insecure_channel(f"127.0.0.1:{probe_port}") as probe:
-        if wait_until_serving(health_pb2_grpc.HealthStub(probe), proc, timeout=20):
-            return facade
+    if wait_until_serving(f"127.0.0.1:{probe_port}", proc, timeout=20):
+        return facade
     facade.stop()
     raise RuntimeError(f"facade did not become healthy:\n{log_path.read_text()}")
 
 
-def wait_until_serving(health: Any, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+# A probe refused before the server listens must try again at its next poll: gRPC's default
+# reconnect backoff (1 s, with jitter) made every start look about half a second slower.
+_PROBE_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 50),
+]
+
+
+def wait_until_serving(target: str, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Polls ``target``'s health every 50 ms until the service's own name is SERVING (ready, not
+    just alive: with Redis, Redis has answered); False if ``proc`` exits or time runs out."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            # The service's own name: ready, not just alive (with Redis: Redis has answered).
-            reply = health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=0.5)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return True
-        except grpc.RpcError:
-            pass
-        time.sleep(0.05)
+    with grpc.insecure_channel(target, options=_PROBE_OPTIONS) as channel:
+        health: Any = health_pb2_grpc.HealthStub(channel)  # the typed stub lacks Check
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=0.5)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
     return False
 
 

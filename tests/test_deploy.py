@@ -342,11 +342,7 @@ def test_the_images_entrypoint_runs_as_pid_1_and_drains_on_sigterm(
         command, env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     try:
-        import grpc
-        from grpc_health.v1 import health_pb2_grpc
-
-        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
-            assert wait_until_serving(health_pb2_grpc.HealthStub(channel), proc, timeout=20)  # type: ignore[arg-type]
+        assert wait_until_serving(f"127.0.0.1:{health_port}", proc, timeout=20)
         service_pid = _child_pid(proc.pid) if as_pid_1 else proc.pid
         if as_pid_1:
             status = Path(f"/proc/{service_pid}/status").read_text()

@@ -22,7 +22,6 @@ import grpc
 import pytest
 from conftest import ROOT, EmulatorProcess, free_port
 from flexwebchat.v1 import webchat_pb2, webchat_pb2_grpc
-from grpc_health.v1 import health_pb2_grpc
 
 from emulator.app import ACCOUNT_SID, API_KEY, API_SECRET
 from emulator.harness import ADDRESS_SID, wait_until_serving
@@ -128,8 +127,7 @@ def test_the_image_serves_and_drains_like_the_deployment_runs_it(
     secrets: Path,
 ) -> None:
     name, proc, ports = container
-    with grpc.insecure_channel(f"127.0.0.1:{ports['HEALTH_PORT']}") as probe:
-        assert wait_until_serving(health_pb2_grpc.HealthStub(probe), proc, timeout=60)
+    assert wait_until_serving(f"127.0.0.1:{ports['HEALTH_PORT']}", proc, timeout=60)
 
     channel = grpc.insecure_channel(f"127.0.0.1:{ports['GRPC_PORT']}")
     stub = webchat_pb2_grpc.WebChatServiceStub(channel)

@@ -10,9 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 from conftest import ADDRESS_SID, ROOT, free_port
-from grpc_health.v1 import health_pb2_grpc
 from test_grpcurl import grpcurl
 
 from emulator.harness import wait_until_serving
@@ -29,8 +27,7 @@ def test_make_run_falls_back_to_the_emulator_loudly_and_serves(tmp_path: Path) -
             [sys.executable, "-m", "emulator.devrun"], env=env, cwd=ROOT, stderr=err
         )
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            assert wait_until_serving(health_pb2_grpc.HealthStub(channel), proc, timeout=20)
+        assert wait_until_serving(f"127.0.0.1:{port}", proc, timeout=20)
         children = [
             int(pid)
             for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
@@ -106,8 +103,7 @@ def test_make_run_with_real_credentials_listens_on_loopback_only(tmp_path: Path,
         [sys.executable, "-m", "emulator.devrun"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL
     )
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            assert wait_until_serving(health_pb2_grpc.HealthStub(channel), proc, timeout=20)
+        assert wait_until_serving(f"127.0.0.1:{port}", proc, timeout=20)
         addresses = listening_addresses(port)
         # 127.0.0.1, ::1, ::ffff:127.0.0.1
         loopback = {"0100007F", "0" * 24 + "01000000", "0" * 16 + "FFFF0000" + "0100007F"}
