@@ -28,8 +28,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -45,6 +45,9 @@ from .errors import (
 )
 
 log = logging.getLogger("flexwebchat.idempotency")
+# Looked up once: a replay is a cheap call, counted on every one (issue 12).
+_REPLAYED = obs.IDEMPOTENCY.labels(outcome="replayed")
+_EXECUTED = obs.IDEMPOTENCY.labels(outcome="executed")
 
 POLL_SECONDS = 0.025
 # Rejections of the request's own content; 401 and 403 concern the facade's account instead.
@@ -126,7 +129,7 @@ class IdempotencyStore:
         """The stored outcome for ``key`` (``done``), or this call's own pending record once it
         has claimed the id: then it must ``execute`` it. Sends nothing, so a replay needs no
         task of its own (issue 12: CPU per replay)."""
-        mine = Record(fingerprint=fingerprint, owner=uuid.uuid4().hex)
+        mine = Record(fingerprint=fingerprint, owner=os.urandom(16).hex())
         while (existing := await self._claim(key, mine)) is not None:
             if existing.fingerprint != fingerprint:
                 obs.IDEMPOTENCY.labels(outcome="conflict").inc()
@@ -140,7 +143,7 @@ class IdempotencyStore:
                     ]
                 )
             if existing.done:
-                obs.IDEMPOTENCY.labels(outcome="replayed").inc()
+                _REPLAYED.inc()
                 obs.current_rpc().idempotency = "replayed"
                 return existing
             if deadline.remaining() <= POLL_SECONDS:
@@ -148,7 +151,7 @@ class IdempotencyStore:
                     "an earlier call with this request_id is still in progress; retry later"
                 )
             await self._sleep(POLL_SECONDS)
-        obs.IDEMPOTENCY.labels(outcome="executed").inc()
+        _EXECUTED.inc()
         obs.current_rpc().idempotency = "executed"
         return mine
 

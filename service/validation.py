@@ -94,6 +94,8 @@ def _address_sid_problem(value: str) -> str | None:
 def _name_problem(value: str) -> str | None:
     if len(value) > MAX_NAME_CHARS:
         return f"must be at most {MAX_NAME_CHARS} characters, got {len(value)}"
+    if value.isascii() and value.isprintable():  # most names: no character needs looking up
+        return None
     if any(unicodedata.category(ch) == "Cc" for ch in value):
         return "must not contain control characters (such as newlines or NUL)"
     return _invisible_problem(value)
