@@ -168,10 +168,19 @@ class TwilioHttp:
         only with its expected duration, plus ``reserve`` (for what must follow), still left.
         ``admitted``: the first attempt's turn was already taken with ``wait_turn``."""
         estimate = self.estimate(request.endpoint)
-        # The first attempt waits for its turn before any retry machinery exists: a call queued
-        # behind the rate limit holds its place in the queue and little else (issue 12).
+        # The first attempt waits for its turn, and is made, before any retry machinery exists:
+        # a call queued behind the rate limit holds its place in the queue and little else, and
+        # tenacity's machinery (about 0.1 ms of CPU per call) is built only to retry (issue 12).
         if not admitted:
             await self.wait_turn(request, deadline, limiter, reserve)
+        try:
+            return await self._attempt(request, limiter, estimate)
+        except Exception as exc:
+            if not is_retryable(exc, retry_ambiguous):
+                raise
+            failed: Exception | None = exc
+        # tenacity takes over as if its own first attempt had failed so: the same stops,
+        # backoff, logging and attempt count as when it made that attempt itself.
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._settings.max_attempts)
             | stop_unless_attempt_fits(deadline, estimate)
@@ -182,12 +191,12 @@ class TwilioHttp:
             sleep=self._sleep,
             reraise=True,
         )
-        first = True  # its turn is taken above; each retry waits for its own
         async for attempt in retrying:
             with attempt:
-                if not first:
-                    await self.wait_turn(request, deadline, limiter, reserve)
-                first = False
+                if failed is not None:
+                    first, failed = failed, None
+                    raise first
+                await self.wait_turn(request, deadline, limiter, reserve)  # each retry's own
                 return await self._attempt(request, limiter, estimate)
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
