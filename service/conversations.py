@@ -36,6 +36,7 @@ class ConversationsClient:
             f"{self._base}/v1/Services/{self._service_sid}/Users/"
             f"{quote(identity, safe='')}/Conversations",
             method="GET",
+            route="/v1/Services/{ServiceSid}/Users/{Identity}/Conversations",
         )
         try:
             response = await self._twilio.send(request, deadline, retry_ambiguous=True)
@@ -63,6 +64,7 @@ class ConversationsClient:
             f"{self._base}/v1/Conversations/{quote(conversation_sid, safe='')}/Messages",
             {"Author": author, "Body": body},
             {"X-Twilio-Webhook-Enabled": "true"},
+            route="/v1/Conversations/{ConversationSid}/Messages",
         )
         response = await self._twilio.send(request, deadline, retry_ambiguous=False)
         sid = (json_object(response) or {}).get("sid")

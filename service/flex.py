@@ -37,7 +37,9 @@ class FlexClient:
         self._settings = settings
         self._limiter = limiter
         self._url = httpx.URL(settings.base_url + WEBCHATS_PATH)  # parsed once, not per call
-        self._request_shape = UpstreamRequest("webchats", self._url, creates=True)  # for turns
+        self._request_shape = UpstreamRequest(
+            "webchats", self._url, creates=True, route=WEBCHATS_PATH
+        )  # for turns
 
     async def create_web_chat(
         self,
@@ -56,7 +58,9 @@ class FlexClient:
         if ui_version:
             headers["Ui-Version"] = ui_version
         response = await self._twilio.send(
-            UpstreamRequest("webchats", self._url, params.form(), headers, creates=True),
+            UpstreamRequest(
+                "webchats", self._url, params.form(), headers, creates=True, route=WEBCHATS_PATH
+            ),
             deadline,
             retry_ambiguous=retry_ambiguous or self._settings.retry_ambiguous,
             limiter=self._limiter,

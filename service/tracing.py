@@ -67,18 +67,28 @@ def rpc_span(method: str, metadata: dict[str, str]) -> Iterator[Any]:
         yield span
 
 
+_NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
+
+
+def attempt_span(attempt: int, method: str, route: str) -> contextlib.AbstractContextManager[Any]:
+    """A client span for one upstream attempt, named ``METHOD route`` (the path with its SIDs as
+    placeholders); no context is injected into the request. Tracing off: a shared no-op."""
+    return _NO_SPAN if _tracer is None else _attempt_span(attempt, method, route)
+
+
 @contextlib.contextmanager
-def attempt_span(attempt: int) -> Iterator[Any]:
-    """A client span for one upstream attempt (no context is injected into the request)."""
-    if _tracer is None:
-        yield None
-        return
+def _attempt_span(attempt: int, method: str, route: str) -> Iterator[Any]:
     from opentelemetry.trace import SpanKind
 
+    assert _tracer is not None
     with _tracer.start_as_current_span(
-        "POST /v2/WebChats",
+        f"{method} {route}",
         kind=SpanKind.CLIENT,
-        attributes={"http.request.method": "POST", "flexwebchat.attempt": attempt},
+        attributes={
+            "http.request.method": method,
+            "url.template": route,
+            "flexwebchat.attempt": attempt,
+        },
         record_exception=False,
         set_status_on_exception=False,
     ) as span:

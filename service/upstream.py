@@ -102,6 +102,7 @@ class UpstreamRequest:
     headers: dict[str, str] = field(default_factory=dict)
     method: str = "POST"
     creates: bool = False
+    route: str = ""  # the path with placeholders for its SIDs, naming the attempt's trace span
 
 
 class LatencyEstimate:
@@ -232,7 +233,9 @@ class TwilioHttp:
         record = obs.current_rpc()
         record.upstream_attempts += 1
         work.last_sent_at = time.time()
-        with tracing.attempt_span(record.upstream_attempts) as span:
+        with tracing.attempt_span(
+            record.upstream_attempts, request.method, request.route or request.endpoint
+        ) as span:
             started = time.monotonic()
             try:
                 # From here the request may leave: nothing cancels it but its own timeout.

@@ -10,6 +10,9 @@ import pytest
 from conftest import ADDRESS_SID, EmulatorProcess
 from flexwebchat.v1 import webchat_pb2
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from emulator.harness import guest_env
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN_ID = "00f067aa0ba902b7"
@@ -84,6 +87,24 @@ def test_rpc_and_attempt_spans_continue_the_callers_trace(
     # The trace id is in the RPC's log line; no trace context went to Twilio.
     assert facade.rpc_lines()[0]["trace_id"] == TRACE_ID
     assert all("traceparent" not in {k.lower() for k in r["headers"]} for r in upstream.requests())
+
+
+def test_each_upstream_attempt_span_names_its_own_request(
+    make_facade, upstream: EmulatorProcess, collector: Collector
+) -> None:
+    """A create with a first message traces two Twilio requests, each under its own route
+    (SIDs as placeholders, so span names stay few), not both as the create."""
+    facade = make_facade(
+        upstream.url,
+        OTEL_EXPORTER_OTLP_ENDPOINT=collector.url,
+        OTEL_BSP_SCHEDULE_DELAY="100",
+        **guest_env(upstream.url),
+    )
+    assert facade.create(initial_message="Hello").initial_message_sid
+    assert facade.stop() == 0  # flushes the spans
+
+    clients = sorted(span.name for span in collector.spans if span.kind == Span.SPAN_KIND_CLIENT)
+    assert clients == ["POST /v1/Conversations/{ConversationSid}/Messages", "POST /v2/WebChats"]
 
 
 def test_tracing_is_off_without_an_endpoint(facade, upstream: EmulatorProcess) -> None:
