@@ -45,9 +45,6 @@ from .errors import (
 )
 
 log = logging.getLogger("flexwebchat.idempotency")
-# Looked up once: a replay is a cheap call, counted on every one (issue 12).
-_REPLAYED = obs.IDEMPOTENCY.labels(outcome="replayed")
-_EXECUTED = obs.IDEMPOTENCY.labels(outcome="executed")
 
 POLL_SECONDS = 0.025
 # Rejections of the request's own content; 401 and 403 concern the facade's account instead.
@@ -143,7 +140,7 @@ class IdempotencyStore:
                     ]
                 )
             if existing.done:
-                _REPLAYED.inc()
+                obs.child(obs.IDEMPOTENCY, "replayed").inc()
                 obs.current_rpc().idempotency = "replayed"
                 return existing
             if deadline.remaining() <= POLL_SECONDS:
@@ -151,7 +148,7 @@ class IdempotencyStore:
                     "an earlier call with this request_id is still in progress; retry later"
                 )
             await self._sleep(POLL_SECONDS)
-        _EXECUTED.inc()
+        obs.child(obs.IDEMPOTENCY, "executed").inc()
         obs.current_rpc().idempotency = "executed"
         return mine
 

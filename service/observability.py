@@ -129,22 +129,24 @@ def begin_rpc(record: RpcRecord) -> None:
     _current.set(record)
 
 
-# Each label set's child, looked up once: prometheus_client's labels() checks and locks per call.
-_rpc_counts: dict[tuple[str, str, str], Any] = {}
-_rpc_latencies: dict[str, Any] = {}
+_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def child(metric: Any, *values: str) -> Any:
+    """``metric.labels(*values)`` (values in the metric's label order), looked up once per label
+    set: prometheus_client's labels() checks and locks on every call. Label values here come from
+    small fixed sets (methods, codes, callers, HTTP statuses), so the cache stays small."""
+    key = (metric, values)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*values)
+    return found
 
 
 def count_rpc(record: RpcRecord, code: str) -> None:
     """Counts a finished RPC and observes its duration."""
-    key = (record.method, code, record.caller)
-    count = _rpc_counts.get(key)
-    if count is None:
-        count = _rpc_counts[key] = RPCS.labels(method=key[0], code=code, caller=key[2])
-    count.inc()
-    latency = _rpc_latencies.get(record.method)
-    if latency is None:
-        latency = _rpc_latencies[record.method] = RPC_LATENCY.labels(method=record.method)
-    latency.observe(time.monotonic() - record.started)
+    child(RPCS, record.method, code, record.caller).inc()
+    child(RPC_LATENCY, record.method).observe(time.monotonic() - record.started)
 
 
 _LOGGED_FIELDS = tuple(f.name for f in dataclasses.fields(RpcRecord) if f.name != "started")

@@ -246,13 +246,13 @@ class TwilioHttp:
                     headers=BASE_HEADERS | request.headers,
                 )
             except httpx.TransportError as exc:
-                obs.UPSTREAM_REQUESTS.labels(status=type(exc).__name__).inc()
+                obs.child(obs.UPSTREAM_REQUESTS, type(exc).__name__).inc()
                 failure = transport_failure(exc)
                 tracing.finish(span, {}, error=failure.reason)
                 raise failure from None
             finally:
                 obs.UPSTREAM_LATENCY.observe(time.monotonic() - started)
-            obs.UPSTREAM_REQUESTS.labels(status=str(response.status_code)).inc()
+            obs.child(obs.UPSTREAM_REQUESTS, str(response.status_code)).inc()
             tracing.finish(
                 span,
                 {"http.response.status_code": response.status_code},

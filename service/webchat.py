@@ -94,7 +94,7 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
         try:
             identity = tokens.verify(presented)
         except TokenRejected as exc:
-            obs.TOKEN_REFRESH_REFUSED.labels(reason=exc.reason).inc()
+            obs.child(obs.TOKEN_REFRESH_REFUSED, exc.reason).inc()
             raise
         token = self._mint(identity, via="refresh")
         response = webchat_pb2.RefreshGuestTokenResponse(access_token=token.jwt, identity=identity)
@@ -245,13 +245,13 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
         try:
             sid = await self._conversations.post_message(conversation_sid, identity, body, deadline)
         except FacadeError as exc:
-            obs.INITIAL_MESSAGES.labels(outcome="failed").inc()
+            obs.child(obs.INITIAL_MESSAGES, "failed").inc()
             log.warning(
                 "the guest's first message could not be posted; the chat was created without it",
                 extra={"fields": {"conversation_sid": conversation_sid, "error": str(exc)}},
             )
             return ""
-        obs.INITIAL_MESSAGES.labels(outcome="posted").inc()
+        obs.child(obs.INITIAL_MESSAGES, "posted").inc()
         return sid
 
     def _require_tokens(self) -> GuestTokens:
@@ -261,7 +261,7 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
 
     def _mint(self, identity: str, *, via: str) -> GuestToken:
         token = self._require_tokens().mint(identity)
-        obs.GUEST_TOKENS.labels(via=via).inc()
+        obs.child(obs.GUEST_TOKENS, via).inc()
         return token
 
     def _deadline(self, context: CreateContext) -> Deadline:
