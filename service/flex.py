@@ -37,9 +37,10 @@ class FlexClient:
         self._settings = settings
         self._limiter = limiter
         self._url = httpx.URL(settings.base_url + WEBCHATS_PATH)  # parsed once, not per call
+        # A create without its form: what wait_turn needs to admit one.
         self._request_shape = UpstreamRequest(
             "webchats", self._url, creates=True, route=WEBCHATS_PATH
-        )  # for turns
+        )
 
     async def create_web_chat(
         self,
