@@ -35,6 +35,7 @@ from .auth import ANONYMOUS, CallerTokens, is_reserved
 from .connections import UnauthenticatedConnections
 from .errors import (
     DeadlineExceeded,
+    Draining,
     FacadeError,
     InvalidRequest,
     ServerLimit,
@@ -111,6 +112,9 @@ class RpcObserver(grpc.aio.ServerInterceptor):
         self.slots = Slots(self._limits.max_concurrent_rpcs)
         self.public_slots = Slots(self._limits.max_public_streams)
         self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+        # Set once the server stops: gRPC then ends a stream still waiting for its message as
+        # if the client had sent none, and the call is logged as cut by the shutdown instead.
+        self.stopping = False
 
     async def intercept_service(
         self,
@@ -149,6 +153,8 @@ class RpcObserver(grpc.aio.ServerInterceptor):
                 f"the request message did not arrive within {timeout:g}s"
             ) from None
         if raw is grpc.aio.EOF:
+            if self.stopping:
+                raise Draining()
             # gRPC ends the stream without a message both when the message was over the size
             # limit (it has then answered RESOURCE_EXHAUSTED itself) and when none was sent.
             raise ServerLimit(

@@ -50,6 +50,7 @@ class Facade:
     records: RecordBackend
     servicer: WebChatServicer
     port: int
+    observer: RpcObserver
     health_server: grpc.aio.Server | None = None
     metrics: MetricsServer | None = None
     flush_traces: Callable[[], None] | None = None
@@ -163,6 +164,7 @@ class Facade:
             records,
             servicer,
             port,
+            observer,
             health_server,
             metrics,
             flush_traces,
@@ -180,6 +182,7 @@ class Facade:
             log.info("draining", extra={"fields": {"delay_s": self.settings.shutdown_delay}})
             await asyncio.sleep(self.settings.shutdown_delay)
         self.limiter.close()  # callers still queued go elsewhere at once
+        self.observer.stopping = True
         await self.server.stop(grace=None if at_once else self.settings.shutdown_grace)
         # Requests already at Twilio finish and are recorded, whatever their callers did.
         await self.servicer.executions.drain(

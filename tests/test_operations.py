@@ -7,6 +7,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -192,12 +193,30 @@ def test_a_second_signal_stops_at_once(make_facade, unlimited_upstream: Emulator
     facade = make_facade(
         unlimited_upstream.url, SHUTDOWN_DELAY_SECONDS="60", SHUTDOWN_GRACE_SECONDS="60"
     )
-    facade.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    assert facade.proc.poll() is None, "the first signal drains (for 60 s here)"
-    facade.proc.send_signal(signal.SIGINT)
-    assert facade.proc.wait(10) == 0
-    assert "second signal: stopping at once" in facade.logs()
+    # A call whose message never comes is cut by the stop: logged as the shutdown it was, not
+    # as a message the caller failed to send.
+    never = threading.Event()
+
+    def no_message() -> Iterator[bytes]:
+        never.wait(30)
+        yield b""
+
+    create = facade.channel.stream_unary("/flexwebchat.v1.WebChatService/CreateWebChat")
+    waiting = create.future(no_message(), timeout=30)
+    try:
+        time.sleep(0.3)
+        facade.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert facade.proc.poll() is None, "the first signal drains (for 60 s here)"
+        facade.proc.send_signal(signal.SIGINT)
+        assert facade.proc.wait(10) == 0
+        assert "second signal: stopping at once" in facade.logs()
+        assert waiting.exception(5).code() == grpc.StatusCode.UNAVAILABLE
+        [line] = facade.rpc_lines()
+        assert (line["method"], line["code"]) == ("CreateWebChat", "UNAVAILABLE"), line
+        assert "shutting down" in line["error"]
+    finally:
+        never.set()
 
 
 def test_the_metrics_port_serves_with_few_threads_and_times_out_idle_clients(
