@@ -167,10 +167,10 @@ class UnauthenticatedConnections:
         closed = _shut_down({live[peer] for peer in close})
         for peer, reason in close.items():
             if live[peer] in closed:
-                obs.CONNECTIONS_CLOSED.labels(listener=self._listener, reason=reason).inc()
+                obs.child(obs.CONNECTIONS_CLOSED, self._listener, reason).inc()
         gauge = obs.GRPC_CONNECTIONS
-        gauge.labels(listener=self._listener, state="authenticated").set(len(live) - waiting)
-        gauge.labels(listener=self._listener, state="unauthenticated").set(waiting - len(closed))
+        obs.child(gauge, self._listener, "authenticated").set(len(live) - waiting)
+        obs.child(gauge, self._listener, "unauthenticated").set(waiting - len(closed))
         if closed:
             log.warning(
                 "closed connections that did not authenticate",

@@ -129,7 +129,7 @@ class IdempotencyStore:
         mine = Record(fingerprint=fingerprint, owner=os.urandom(16).hex())
         while (existing := await self._claim(key, mine)) is not None:
             if existing.fingerprint != fingerprint:
-                obs.IDEMPOTENCY.labels(outcome="conflict").inc()
+                obs.child(obs.IDEMPOTENCY, "conflict").inc()
                 raise InvalidRequest(
                     [
                         (

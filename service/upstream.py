@@ -320,7 +320,7 @@ def is_ambiguous(exc: BaseException | None) -> bool:
 def _log_retry(retry_state: RetryCallState) -> None:
     exc = retry_state.outcome.exception() if retry_state.outcome else None
     cause = str(exc.http_status) if isinstance(exc, UpstreamError) else type(exc).__name__
-    obs.UPSTREAM_RETRIES.labels(cause=cause).inc()
+    obs.child(obs.UPSTREAM_RETRIES, cause).inc()
     fields: dict[str, Any] = {
         "attempt": retry_state.attempt_number,
         "cause": cause,
