@@ -33,7 +33,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -56,6 +55,7 @@ from emulator.harness import (
     ADDRESS_SID,
     EmulatorProcess,
     FacadeProcess,
+    facade_command,
     facade_env,
     start_emulator,
     start_facade,
@@ -465,8 +465,8 @@ def main() -> None:
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
         "load_average_before": os.getloadavg(),
-        # make bench: the runtime-only install, as in the image (emulator/harness.start_facade)
-        "facade_python": os.environ.get("FLEXWEBCHAT_FACADE_PYTHON") or sys.executable,
+        # make bench: the runtime-only install, as in the image
+        "facade_command": " ".join(facade_command()),
     }
     facades: list[Path | None] = [None] if args.before is None else [None, args.before]
     with tempfile.TemporaryDirectory() as tmp:
@@ -517,7 +517,7 @@ def main() -> None:
     results["load_average_after"] = os.getloadavg()
     load = " ".join(f"{v:.2f}" for v in results["load_average_before"])
     print(f"   load average before the run: {load} ({results['cpus']} CPUs)")
-    print(f"   the facade ran on {results['facade_python']}")
+    print(f"   the facade ran as: {results['facade_command']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
         print(f"   results as JSON: {args.json}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from emulator.harness import (
     ADDRESS_SID,
     ROOT,
     FacadeProcess,
+    facade_command,
     facade_env,
     guest_env,
     start_emulator,
@@ -379,8 +379,8 @@ def print_cheap(rows: list[Row], rounds: int) -> None:
 
 
 def print_start(starts: list[float]) -> None:
-    module = "flexwebchat_server" if os.environ.get("FLEXWEBCHAT_FACADE_PYTHON") else "service"
-    print(f"9. Start to SERVING (spawn `python -m {module}` to health SERVING, polled every 50 ms)")
+    command = " ".join(facade_command()[1:])
+    print(f"9. Start to SERVING (spawn `python {command}` to health SERVING, polled every 50 ms)")
     values = " ".join(f"{s:.2f}" for s in starts)
     print(
         f"{'median of ' + str(len(starts)) + ' starts':<44} {statistics.median(starts):7.2f} s"

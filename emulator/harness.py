@@ -205,21 +205,26 @@ def guest_env(emulator_url: str) -> dict[str, str]:
     }
 
 
+def facade_command(checkout: Path | None = None) -> list[str]:
+    """How the facade of this checkout, or of ``checkout`` (another one, with its own ``.venv``:
+    how the benchmark measures an older commit), is started. With ``FLEXWEBCHAT_FACADE_PYTHON``
+    set (``make bench`` does), this checkout's facade runs on that interpreter as the image runs
+    it: ``python -m flexwebchat_server`` with the runtime dependencies only, none of the test
+    tools."""
+    if checkout is not None:
+        return [str(checkout / ".venv" / "bin" / "python"), "-m", "service"]
+    if os.environ.get("FLEXWEBCHAT_FACADE_PYTHON"):
+        return [os.environ["FLEXWEBCHAT_FACADE_PYTHON"], "-m", "flexwebchat_server"]
+    return [sys.executable, "-m", "service"]
+
+
 def start_facade(
     env: dict[str, str], log_path: Path, checkout: Path | None = None
 ) -> FacadeProcess:
-    """The facade of this checkout, or of ``checkout`` (another one, with its own ``.venv``:
-    how the benchmark measures an older commit). With ``FLEXWEBCHAT_FACADE_PYTHON`` set (``make
-    bench`` does), this checkout's facade runs on that interpreter as the image runs it: ``python
-    -m flexwebchat_server`` with the runtime dependencies only, none of the test tools."""
-    command = [sys.executable, "-m", "service"]
-    if checkout is not None:
-        command[0] = str(checkout / ".venv" / "bin" / "python")
-    elif os.environ.get("FLEXWEBCHAT_FACADE_PYTHON"):
-        command = [os.environ["FLEXWEBCHAT_FACADE_PYTHON"], "-m", "flexwebchat_server"]
+    """The facade started as ``facade_command(checkout)`` says, once it is SERVING."""
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            command,
+            facade_command(checkout),
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
