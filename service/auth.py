@@ -7,7 +7,8 @@
   ``authorization: Bearer <token>``; the token is compared in constant time with every known one,
   and the matching name becomes the caller in logs and metrics. The file is re-read when it changes.
 * ``TLS_CLIENT_NAMES`` (with mutual TLS): the client certificate common names allowed; any other
-  certificate from the CA is UNAUTHENTICATED.
+  certificate from the CA is UNAUTHENTICATED, with or without a valid bearer token (with
+  ``AUTH_TOKENS_FILE`` as well, both must hold; the token names the caller).
 
 Health and reflection need no token, so the kubelet and grpcurl keep working.
 """

@@ -93,9 +93,9 @@ class Slots:
 class RpcObserver(grpc.aio.ServerInterceptor):
     """Authenticates, admits, logs and counts every call; see the module docstring.
 
-    With ``tokens``, every call must carry a known bearer token, whose name is the caller; else
-    the caller is the client certificate's common name under mutual TLS (which must be in
-    ``client_names`` when that is not empty), or "anonymous".
+    Under mutual TLS with ``client_names``, the client certificate's common name must be one of
+    them. With ``tokens``, every call must also carry a known bearer token, whose name is the
+    caller; else the caller is the certificate's common name, or "anonymous".
     """
 
     def __init__(
@@ -175,13 +175,15 @@ class RpcObserver(grpc.aio.ServerInterceptor):
         return self._connections.call_started(context.peer(), caller)
 
     def caller(self, metadata: dict[str, str], context: Context) -> str:
-        if self._tokens is not None:
-            return self._tokens.caller(metadata)
         certificate = context.auth_context()
         names = list(certificate.get("x509_common_name") or [])
         name = names[0].decode(errors="backslashreplace") if names else ""
+        # Checked first, with or without tokens: both must hold, so a stolen token is no use
+        # from a machine whose certificate is not among the names.
         if self._client_names and name not in self._client_names:
             raise Unauthenticated("the client certificate's name is not allowed")
+        if self._tokens is not None:
+            return self._tokens.caller(metadata)
         if certificate.get("x509_pem_cert") and (not name or is_reserved(name)):
             # Would share the records of unauthenticated callers (webchat.record_key).
             raise Unauthenticated(

@@ -384,3 +384,39 @@ def test_bearer_tokens_over_plaintext_are_warned_about(token_facade) -> None:
     facade, _ = token_facade
     [warning] = [line for line in facade.log_lines() if line["level"] == "warning"]
     assert warning["msg"].startswith("bearer tokens are accepted over plaintext")
+
+
+def test_with_tokens_and_client_names_both_must_hold(make_facade, upstream, tmp_path, pki) -> None:
+    """A bearer token leaked to a machine whose certificate (from the same CA) is outside
+    TLS_CLIENT_NAMES is refused; a listed certificate still needs a token, which names the
+    caller."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(
+        "billing:tok-billing-0123456789abcdef\nsupport:tok-support-0123456789abcdef\n"
+    )
+    env = tls_env(tmp_path, pki, mutual=True)
+    facade = make_facade(
+        upstream.url, TLS_CLIENT_NAMES="billing-service", AUTH_TOKENS_FILE=str(tokens), **env
+    )
+    intruder = issue("intranet-crawler", pki["ca"])
+
+    def call_as(client: Pem, token: str | None) -> webchat_pb2.CreateWebChatResponse:
+        credentials = grpc.ssl_channel_credentials(pki["ca"].cert, client.key, client.cert)
+        metadata = [("authorization", f"Bearer {token}")] if token else []
+        with grpc.secure_channel(facade.target, credentials) as channel:
+            stub = webchat_pb2_grpc.WebChatServiceStub(channel)
+            return stub.CreateWebChat(REQUEST, metadata=metadata, timeout=5)  # type: ignore[no-any-return]
+
+    for token in ("tok-billing-0123456789abcdef", "tok-support-0123456789abcdef"):
+        assert call_as(pki["client"], token).conversation_sid.startswith("CH")
+    for client, token in (
+        (intruder, "tok-support-0123456789abcdef"),
+        (intruder, "tok-billing-0123456789abcdef"),
+        (pki["client"], None),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            call_as(client, token)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert len(upstream.requests()) == 2
+    callers = [line["caller"] for line in facade.rpc_lines(count=5) if line["code"] == "OK"]
+    assert callers == ["billing", "support"]
