@@ -464,7 +464,11 @@ def test_the_health_port_caps_streams_too(make_facade, upstream) -> None:
 async def test_the_sweep_finds_ipv4_and_ipv6_callers_of_a_dual_stack_port() -> None:
     """gRPC names a peer ``ipv4:10.0.0.1:5000`` or ``ipv6:%5B::1%5D:5000``; a socket on ``[::]``
     sees an IPv4 caller as ``::ffff:10.0.0.1``. Both must name the same connection, or an
-    authenticated caller's connection would be taken for a stranger's and closed."""
+    authenticated caller's connection would be taken for a stranger's and closed.
+
+    Each channel gets a connection of its own: from gRPC's process-wide subchannel pool, the
+    stranger's channel would often ride on the caller's connection, still open while the first
+    channel's close completes, and so never be a stranger at all."""
     from service.connections import UnauthenticatedConnections
 
     peers: list[str] = []
@@ -478,15 +482,16 @@ async def test_the_sweep_finds_ipv4_and_ipv6_callers_of_a_dual_stack_port() -> N
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("x.Y", {"Z": handler})])
     port = server.add_insecure_port("[::]:0")
     await server.start()
+    own = [("grpc.use_local_subchannel_pool", 1)]
     try:
         for host in ("127.0.0.1", "[::1]"):
             sweep = UnauthenticatedConnections({port}, grace=1.0, per_peer=1)
-            async with grpc.aio.insecure_channel(f"{host}:{port}") as channel:
+            async with grpc.aio.insecure_channel(f"{host}:{port}", options=own) as channel:
                 await channel.unary_unary("/x.Y/Z")(b"")
                 sweep.call_ended(sweep.call_started(peers[-1], "billing"))
                 assert sweep.sweep(time.monotonic() + 60) == 0, peers[-1]  # kept, long after
                 assert await channel.unary_unary("/x.Y/Z")(b"again") == b"again"
-            async with grpc.aio.insecure_channel(f"{host}:{port}") as stranger:
+            async with grpc.aio.insecure_channel(f"{host}:{port}", options=own) as stranger:
                 await stranger.unary_unary("/x.Y/Z")(b"")
                 sweep.sweep(time.monotonic())
                 assert sweep.sweep(time.monotonic() + 1.0) == 1  # closed at the grace
