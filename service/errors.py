@@ -294,6 +294,10 @@ def to_status(exc: BaseException) -> status_pb2.Status:
             return _status(code_pb2.INTERNAL, "internal error")
 
 
+# The codes the shipped service config (generated/flexwebchat/v1/service_config.json) retries.
+RETRIED_CODES = frozenset({code_pb2.UNAVAILABLE, code_pb2.RESOURCE_EXHAUSTED})
+
+
 def retry_delay_ms(status: status_pb2.Status) -> int | None:
     """The RetryInfo delay of ``status`` in milliseconds, or None when it carries no RetryInfo."""
     for packed in status.details:
@@ -302,6 +306,19 @@ def retry_delay_ms(status: status_pb2.Status) -> int | None:
             packed.Unpack(info)
             return int(info.retry_delay.ToMilliseconds())
     return None
+
+
+def pushback_ms(status: status_pb2.Status) -> int | None:
+    """The ``grpc-retry-pushback-ms`` trailer of ``status``, or None for none (gRPC's retry
+    design, A6). Only a code the service config retries carries one: its RetryInfo delay, or -1
+    when a retry is unsafe (no RetryInfo: the call may have created a conversation, or will fail
+    the same way). Any other code carries none, because A6 clients count a failure with a
+    negative pushback against ``retryThrottling``: a caller's bad requests would switch off
+    its channel's retries."""
+    if status.code not in RETRIED_CODES:
+        return None
+    delay = retry_delay_ms(status)
+    return -1 if delay is None else delay
 
 
 def _invalid(violations: list[tuple[str, str]]) -> status_pb2.Status:

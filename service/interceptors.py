@@ -40,7 +40,7 @@ from .errors import (
     InvalidRequest,
     ServerLimit,
     Unauthenticated,
-    retry_delay_ms,
+    pushback_ms,
     to_status,
 )
 from .validation import wire_problems
@@ -384,13 +384,11 @@ class _Status(grpc.Status):
 
 
 def _grpc_status(status: status_pb2.Status) -> grpc.Status:
-    """The status with its details trailer and ``grpc-retry-pushback-ms``, which steers gRPC's
-    own client retries (the shipped service config): the RetryInfo delay when there is one, else
-    -1, which tells gRPC not to retry (an ambiguous failure without a request_id is UNAVAILABLE,
-    yet a retry could create a second conversation)."""
+    """The status with its details trailer and, for the codes gRPC's own client retries would
+    re-send, ``grpc-retry-pushback-ms`` (see :func:`pushback_ms`)."""
     rich = rpc_status.to_status(status)
-    delay_ms = retry_delay_ms(status)
-    pushback = (("grpc-retry-pushback-ms", str(-1 if delay_ms is None else delay_ms)),)
+    delay_ms = pushback_ms(status)
+    pushback = () if delay_ms is None else (("grpc-retry-pushback-ms", str(delay_ms)),)
     return _Status(rich.code, rich.details, tuple(rich.trailing_metadata) + pushback)
 
 
