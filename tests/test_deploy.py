@@ -12,16 +12,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import jwt
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import ROOT, EmulatorProcess, facade_env, free_port
+from conftest import ROOT, EmulatorProcess, RedisProcess, facade_env, free_port
 
 from emulator.harness import wait_until_serving
 
@@ -31,6 +33,7 @@ DOCKERFILE = (ROOT / "Dockerfile").read_text()
 KUBERNETES_VERSION = "1.33.0"
 # Every kustomization an operator can apply or copy; each component is used by at least one.
 OVERLAYS = ["", "single-replica", "examples/managed-redis", "examples/caller-auth"]
+COMPONENTS = sorted(p.name for p in (K8S / "components").iterdir() if p.is_dir())
 # JSON schemas of the custom resources (from their CRDs; see deploy/k8s/schemas/README.md).
 CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor_v1.json",
@@ -101,12 +104,39 @@ def crd_validator(name: str) -> jsonschema.Draft7Validator:
     return jsonschema.Draft7Validator(json.loads((K8S / "schemas" / name).read_text()))
 
 
-def test_every_component_is_rendered_by_some_overlay() -> None:
-    used = set()
-    for overlay in OVERLAYS:
-        kustomization = yaml.safe_load((K8S / overlay / "kustomization.yaml").read_text())
-        used |= {(K8S / overlay / c).resolve().name for c in kustomization.get("components", [])}
-    assert used == {p.name for p in (K8S / "components").iterdir() if p.is_dir()}
+@pytest.fixture
+def overlay_of(tmp_path: Path) -> Any:
+    """Makes a kustomization of base plus the named components, as an operator's overlay would
+    be, in a copy of deploy/k8s (kustomize takes only relative paths); returns its path."""
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy)
+
+    def make(*names: str) -> str:
+        folder = Path(tempfile.mkdtemp(prefix="overlay-", dir=copy))
+        kustomization = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": ["../base"],
+            "components": [f"../components/{name}" for name in names],
+        }
+        (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+        return str(folder)
+
+    return make
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_every_component_renders_on_base_and_passes_the_schema(
+    component: str, overlay_of: Any
+) -> None:
+    docs = manifests(overlay_of(component))
+    assert docs.keys() >= manifests("base").keys()
+    for doc in docs.values():
+        crd_schema = CRD_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
+        if crd_schema is None:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        else:
+            crd_validator(crd_schema).validate(doc)
 
 
 def test_kustomization_applies_every_manifest() -> None:
@@ -198,15 +228,21 @@ def test_deployment_is_hardened_and_probed_on_the_health_port() -> None:
 
 
 @pytest.mark.parametrize(
-    ("overlay", "expected"),
+    ("components", "expected"),
     [
-        ("", {"TWILIO_ACCOUNT_SID", "TWILIO_API_KEY", "TWILIO_API_SECRET", "REDIS_URL"}),
-        ("examples/managed-redis", {"TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "REDIS_URL"}),
+        (
+            ("api-key", "redis"),
+            {"TWILIO_ACCOUNT_SID", "TWILIO_API_KEY", "TWILIO_API_SECRET", "REDIS_URL"},
+        ),
+        (("auth-token", "managed-redis"), {"TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "REDIS_URL"}),
     ],
     ids=["api-key", "auth-token"],
 )
-def test_credentials_are_files_the_settings_accept(overlay: str, expected: set[str]) -> None:
+def test_credentials_are_files_the_settings_accept(
+    components: tuple[str, ...], expected: set[str], overlay_of: Any
+) -> None:
     """Both credential setups give the facade what it needs to start, from the Secret's files."""
+    overlay = overlay_of(*components)
     spec = manifests(overlay)["Deployment/flexwebchat"]["spec"]["template"]["spec"]
     [container] = spec["containers"]
     env = container_env(overlay)
@@ -227,6 +263,64 @@ def test_credentials_are_files_the_settings_accept(overlay: str, expected: set[s
     }
     settings = Settings.from_env({name: values[name] for name in files})
     assert settings.account_sid == values["TWILIO_ACCOUNT_SID"]
+
+
+def pod_environment(kustomization: str, secrets: dict[str, str], folder: Path) -> dict[str, str]:
+    """The environment the rendered Deployment gives the facade (its ConfigMap and env), with
+    the Secret's files (name -> content) written to folder, where the pod would mount them."""
+    docs = manifests(kustomization)
+    [container] = docs["Deployment/flexwebchat"]["spec"]["template"]["spec"]["containers"]
+    mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "credentials")
+    for name, content in secrets.items():
+        (folder / name).write_text(content)
+    env = dict(docs["ConfigMap/flexwebchat"]["data"])
+    env.update({e["name"]: e["value"].replace(mount, str(folder)) for e in container["env"]})
+    return env
+
+
+def test_the_production_example_issues_guest_tokens(
+    upstream: EmulatorProcess, redis_server: RedisProcess, make_facade: Any, tmp_path: Path
+) -> None:
+    """examples/managed-redis as rendered, with the operator's own values in its Secret and its
+    Conversations service SID, starts a facade that gives guests access tokens."""
+    from emulator.app import ACCOUNT_SID, API_KEY, API_SECRET, SERVICE_SID
+
+    secrets = {
+        "account-sid": ACCOUNT_SID,
+        "api-key": API_KEY,
+        "api-secret": API_SECRET,
+        "redis-url": redis_server.url,
+    }
+    pod = pod_environment("examples/managed-redis", secrets, tmp_path)
+    assert pod["TWILIO_CONVERSATIONS_SERVICE_SID"].startswith("IS")
+    pod["TWILIO_CONVERSATIONS_SERVICE_SID"] = SERVICE_SID  # the operator's own, as the docs say
+    # This machine's loopback emulator and ports in place of Twilio's hosts and the pod's ports.
+    pod.update(CONVERSATIONS_API_BASE_URL=upstream.url, OTEL_EXPORTER_OTLP_ENDPOINT="")
+    for name in ("GRPC_PORT", "METRICS_PORT", "HEALTH_PORT", "SHUTDOWN_DELAY_SECONDS"):
+        pod.pop(name)
+    facade = make_facade(upstream.url, TWILIO_ACCOUNT_SID="", TWILIO_AUTH_TOKEN="", **pod)
+
+    reply = facade.create(issue_token=True)
+    assert reply.access_token and reply.access_token_expires_at.seconds
+    claims = jwt.decode(reply.access_token, API_SECRET, algorithms=["HS256"])
+    assert claims["iss"] == API_KEY and claims["sub"] == ACCOUNT_SID
+    assert claims["grants"]["chat"]["service_sid"] == SERVICE_SID
+    assert claims["grants"]["identity"] == reply.identity
+
+
+def test_guest_tokens_with_auth_token_credentials_are_refused_at_start(
+    overlay_of: Any, tmp_path: Path
+) -> None:
+    """The guest-tokens component without an API key: the facade names what is missing."""
+    from service.config import ConfigError, Settings
+
+    secrets = {"account-sid": "AC" + "0" * 32, "auth-token": "token"}
+    pod = pod_environment(overlay_of("auth-token", "guest-tokens"), secrets, tmp_path)
+    with pytest.raises(ConfigError, match="TWILIO_API_KEY, TWILIO_API_SECRET"):
+        Settings.from_env(pod)
+    secrets = {"account-sid": "AC" + "0" * 32, "api-key": "SK" + "0" * 32, "api-secret": "s"}
+    pod = pod_environment(overlay_of("api-key", "guest-tokens"), secrets, tmp_path)
+    assert Settings.from_env(pod).tokens_enabled
 
 
 def test_every_mounted_file_setting_points_into_a_mounted_secret() -> None:
