@@ -1,15 +1,16 @@
-"""The account-wide upstream rate limit: a GCRA schedule with a FIFO queue in front of it.
+"""The account-wide upstream rate limit: a GCRA schedule with a fair queue in front of it.
 
-Slots are taken only when they come due. Waiters queue in arrival order; only the one at the head
-asks the schedule, sleeps until its slot is due, takes it, and hands the head to the next. A
-waiter that leaves (cancelled, refused, or its deadline too near) takes nothing with it, so
-abandoned calls cost other callers nothing, on this replica or on any other sharing the schedule.
+Slots are taken only when they come due. Waiters queue with callers served in turn (each caller's
+calls in its own order); only the one at the head asks the schedule, sleeps until its slot is due,
+takes it, and hands the head to the next. A waiter that leaves (cancelled, refused, or its
+deadline too near) takes nothing with it, so abandoned calls cost other callers nothing, on this
+replica or on any other sharing the schedule.
 
 Admission: an attempt starts only if its slot plus ``need`` (the time an upstream round trip is
-expected to take) fits the time left. A call whose turn would come too late is refused at once,
-RateLimitExceeded with the predicted wait; one whose deadline cannot hold a round trip even with
-no wait is DeadlineExceeded. A 429 from Twilio pushes the schedule back for every caller
-(``penalize``); the head simply finds its slot later.
+expected to take) fits the time left. A call whose turn, by its own place in the order, would come
+too late is refused at once, RateLimitExceeded with the predicted wait; one whose deadline cannot
+hold a round trip even with no wait is DeadlineExceeded. A 429 from Twilio pushes the schedule
+back for every caller (``penalize``); the head simply finds its slot later.
 
 ``LocalSchedule`` keeps the schedule in this process; ``service.shared.RedisSchedule`` keeps it in
 Redis so that every replica draws from one budget.
@@ -18,8 +19,9 @@ Redis so that every replica draws from one budget.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
@@ -89,11 +91,17 @@ def require_time_for(need: float, deadline: Deadline) -> None:
 
 
 class _Waiter:
-    __slots__ = ("signal",)
+    __slots__ = ("caller", "order", "signal")
 
-    def __init__(self) -> None:
-        # True when this waiter reaches the head or the limiter closes; False when its time is up.
+    def __init__(self, caller: str, order: tuple[int, int]) -> None:
+        self.caller = caller
+        self.order = order  # (round, arrival): the queue is sorted by it
+        # True when this waiter may be at the head or the limiter closes; False when its time is up.
         self.signal: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+
+def _order(waiter: _Waiter) -> tuple[int, int]:
+    return waiter.order
 
 
 def _time_up(signal: asyncio.Future[bool]) -> None:
@@ -102,12 +110,22 @@ def _time_up(signal: asyncio.Future[bool]) -> None:
 
 
 class RateLimiter:
-    """The FIFO queue in front of a schedule."""
+    """The queue in front of a schedule, serving callers in turn (start-time fair queueing).
+
+    Each call gets a round: one past its caller's previous queued call, and never earlier than
+    the round being served. Calls are served by round, and within a round in arrival order, so
+    each caller's calls keep their order and a caller with one call waits behind one call of each
+    other active caller, however many those have queued. A call is admitted by its own place in
+    that order."""
 
     def __init__(self, schedule: Schedule, interval: float) -> None:
         self._schedule = schedule
         self._interval = interval
-        self._queue: deque[_Waiter] = deque()
+        self._queue: list[_Waiter] = []  # sorted by order; the head asks the schedule
+        self._round = 0  # the round of the call served last
+        self._last_round: dict[str, int] = {}  # each queued caller's latest round
+        self._queued: Counter[str] = Counter()
+        self._arrivals = 0
         self._head_due = 0.0  # monotonic time the head expects its slot
         self._closed = False
 
@@ -115,38 +133,53 @@ class RateLimiter:
     def queued(self) -> int:
         return len(self._queue)
 
-    async def acquire(self, deadline: Deadline, need: float = 0.0) -> float:
+    async def acquire(self, deadline: Deadline, need: float = 0.0, caller: str = "") -> float:
         """Waits for a slot; returns the seconds waited. Raises RateLimitExceeded,
         DeadlineExceeded or Draining, having taken nothing."""
         if self._closed:
             raise Draining()
         require_time_for(need, deadline)
         started = time.monotonic()
-        ahead = len(self._queue)
+        self._arrivals += 1
+        order = (max(self._round, self._last_round.get(caller, 0)) + 1, self._arrivals)
+        ahead = bisect.bisect_left(self._queue, order, key=_order)
         if ahead:
             predicted = max(self._head_due - started, 0.0) + ahead * self._interval
             if predicted + need > deadline.remaining():
                 raise RateLimitExceeded(retry_after=predicted)
-        waiter = _Waiter()
-        self._queue.append(waiter)
+        waiter = self._enter(caller, order, ahead)
         try:
-            if ahead and not await self._park(waiter, deadline.remaining() - need):
-                raise RateLimitExceeded(retry_after=len(self._queue) * self._interval)
-            while True:  # at the head (or woken because the limiter closed)
+            while True:
                 if self._closed:
                     raise Draining()
+                if self._queue[0] is not waiter:  # another's turn: wait to be the head
+                    waiter.signal = asyncio.get_running_loop().create_future()
+                    if not await self._park(waiter, deadline.remaining() - need):
+                        raise RateLimitExceeded(retry_after=self._place(waiter) * self._interval)
+                    continue
                 if deadline.remaining() < need:
                     raise RateLimitExceeded(retry_after=len(self._queue) * self._interval)
                 wait = await self._schedule.take()
                 if wait <= 0:
+                    self._round = max(self._round, order[0])
                     return time.monotonic() - started
                 self._head_due = time.monotonic() + wait
                 if wait + need > deadline.remaining():
                     raise RateLimitExceeded(retry_after=wait + len(self._queue) * self._interval)
                 waiter.signal = asyncio.get_running_loop().create_future()
-                await self._park(waiter, wait)
+                await self._park(waiter, wait)  # woken early if the head changes or we close
         finally:
             self._leave(waiter)
+
+    def _enter(self, caller: str, order: tuple[int, int], place: int) -> _Waiter:
+        waiter = _Waiter(caller, order)
+        self._queue.insert(place, waiter)
+        self._last_round[caller] = order[0]
+        self._queued[caller] += 1
+        return waiter
+
+    def _place(self, waiter: _Waiter) -> int:
+        return bisect.bisect_left(self._queue, waiter.order, key=_order)
 
     @staticmethod
     async def _park(waiter: _Waiter, seconds: float) -> bool:
@@ -160,9 +193,13 @@ class RateLimiter:
             timer.cancel()
 
     def _leave(self, waiter: _Waiter) -> None:
-        was_head = self._queue[0] is waiter
-        self._queue.remove(waiter)
-        if was_head and self._queue and not self._queue[0].signal.done():
+        place = self._place(waiter)
+        del self._queue[place]
+        self._queued[waiter.caller] -= 1
+        if not self._queued[waiter.caller]:
+            del self._queued[waiter.caller]
+            del self._last_round[waiter.caller]
+        if place == 0 and self._queue and not self._queue[0].signal.done():
             self._queue[0].signal.set_result(True)
 
     async def penalize(self, seconds: float) -> None:
@@ -179,7 +216,7 @@ class RateLimiter:
 class Unlimited:
     """FLEX_RATE_LIMIT_RPS=0: no local limit (Twilio's own 429s are still retried)."""
 
-    async def acquire(self, deadline: Deadline, need: float = 0.0) -> float:
+    async def acquire(self, deadline: Deadline, need: float = 0.0, caller: str = "") -> float:
         require_time_for(need, deadline)
         return 0.0
 

@@ -218,7 +218,8 @@ class TwilioHttp:
             require_time_for(need, deadline)
             return
         try:
-            waited = await limiter.acquire(deadline, need)
+            # Each caller has its own place in the queue (callers are served in turn).
+            waited = await limiter.acquire(deadline, need, obs.current_rpc().caller)
         except RateLimitExceeded:
             obs.RATE_LIMIT_REFUSED.inc()
             raise

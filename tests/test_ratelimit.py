@@ -1,5 +1,6 @@
-"""The account-wide limiter: the GCRA schedule on a fake clock, and the FIFO queue in front of it
-on real (short) time: order, fast refusal, and waiters that leave taking nothing with them."""
+"""The account-wide limiter: the GCRA schedule on a fake clock, and the queue in front of it on
+real (short) time: callers served in turn, fast refusal, and waiters that leave taking nothing
+with them."""
 
 from __future__ import annotations
 
@@ -82,6 +83,35 @@ async def test_waiters_are_served_in_arrival_order() -> None:
 
     await asyncio.gather(*(call(n) for n in range(8)))
     assert order == list(range(8))
+
+
+async def test_callers_are_served_in_turn_each_in_its_own_order() -> None:
+    lim, order = limiter(), []
+
+    async def call(caller: str, n: int) -> None:
+        await lim.acquire(Deadline.after(10), caller=caller)
+        order.append(f"{caller}{n}")
+
+    flood = [asyncio.create_task(call("a", n)) for n in range(6)]
+    await asyncio.sleep(0)  # a0 has the slot now; a1..a5 are queued
+    others = [asyncio.create_task(call(c, n)) for c in "bc" for n in range(2)]
+    await asyncio.gather(*flood, *others)
+    assert order == ["a0", "a1", "b0", "c0", "a2", "b1", "c1", "a3", "a4", "a5"]
+
+
+async def test_a_call_is_admitted_by_its_own_place_not_the_queue_length() -> None:
+    lim = limiter(rate=5)
+    flood = [asyncio.create_task(lim.acquire(Deadline.after(60), caller="a")) for _ in range(50)]
+    await asyncio.sleep(0)
+    # Ten seconds of queue, all one caller's: another caller's turn is one slot away.
+    waited = await lim.acquire(Deadline.after(1.0), caller="b")
+    assert waited < 1.0
+    with pytest.raises(RateLimitExceeded):  # while the flooder's own next call waits its turn
+        await lim.acquire(Deadline.after(1.0), caller="a")
+    for task in flood:
+        task.cancel()
+    await asyncio.gather(*flood, return_exceptions=True)
+    assert lim.queued == 0
 
 
 async def test_a_turn_beyond_the_deadline_is_refused_at_once_without_queueing() -> None:
