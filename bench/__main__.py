@@ -7,15 +7,15 @@
    aiohttp alone), against the same emulator.
 2. 30 simultaneous chats against Twilio's 5 requests/second limit (the emulator enforces it):
    30 threads calling twilio-python directly, beside 30 callers going through the facade.
-3. The issue-12 ratios computed from 1 (same run, so comparable).
-4. Issue 8, a burst of short-deadline callers without request_id: creates Twilio received against
+3. The cost ratios against twilio-python and bare httpx, computed from 1 (same run, so comparable).
+4. A burst of short-deadline callers without request_id: creates Twilio received against
    conversations delivered (``bench/one_conversation.py``).
-5. Issue 8, a mix of ambiguous and plain faults, callers retrying with their request_id: creates
+5. A mix of ambiguous and plain faults, callers retrying with their request_id: creates
    per id.
-6-9. Issue 12's other rows (``bench/issue12.py``): 1000 creates at once against a 250 ms
+6-9. Capacity (``bench/capacity.py``): 1000 creates at once against a 250 ms
    upstream; 1000 callers queued behind the 5/s limit beside a bare grpc.aio floor; CPU of a
    replay, a refusal and a token refresh; start to SERVING and RSS.
-10. Every issue-12 target beside its measured value, from this run.
+10. Every performance target beside its measured value, from this run.
 
 Prints tables; ``--json PATH`` also writes every number as JSON (``make bench`` writes
 bench/results.json). ``--only`` runs some sections. ``--before CHECKOUT`` adds, in sections 4 and
@@ -48,7 +48,7 @@ from flexwebchat.v1 import webchat_pb2, webchat_pb2_grpc
 from twilio.base.exceptions import TwilioRestException
 from twilio.rest import Client
 
-from bench import issue12, one_conversation
+from bench import capacity, one_conversation
 from bench.cpu import cpu_seconds
 from emulator.app import ACCOUNT_SID, AUTH_TOKEN
 from emulator.harness import (
@@ -332,7 +332,7 @@ def format_burst_row(r: Row) -> str:
 
 
 def targets(rows: list[Row]) -> Row:
-    """Issue 12's ratios, from rows of the same run."""
+    """The cost ratios, from rows of the same run."""
     by_name = {r["name"]: r for r in rows}
     facade, twilio, bare = by_name[FACADE_1], by_name[TWILIO], by_name[BARE_HTTPX]
     return {
@@ -406,7 +406,7 @@ def print_account_limit(rows: list[Row]) -> None:
 
 
 def print_targets(ratios: Row) -> None:
-    print("3. Issue 12 targets, from 1 (this run)")
+    print("3. Cost against twilio-python and bare httpx, from 1 (this run)")
     print(
         f"{'facade CPU / twilio-python CPU, per create':<52} "
         f"{ratios['facade_cpu_over_twilio_python_cpu']:8.2f}   (target <= 1.0)"
@@ -501,19 +501,19 @@ def main() -> None:
             print()
         starts: list[float] = []
         if "burst" in args.only:
-            results["burst"] = issue12.burst_rows(workdir, starts)
-            issue12.print_burst(results["burst"])
+            results["burst"] = capacity.burst_rows(workdir, starts)
+            capacity.print_burst(results["burst"])
         if "waiting" in args.only:
-            results["waiting"] = issue12.waiting_rows(workdir, starts)
-            issue12.print_waiting(results["waiting"])
+            results["waiting"] = capacity.waiting_rows(workdir, starts)
+            capacity.print_waiting(results["waiting"])
         if "cheap_calls" in args.only:
-            results["cheap_calls"] = issue12.cheap_rows(workdir, starts, ROUNDS)
-            issue12.print_cheap(results["cheap_calls"], ROUNDS)
+            results["cheap_calls"] = capacity.cheap_rows(workdir, starts, ROUNDS)
+            capacity.print_cheap(results["cheap_calls"], ROUNDS)
         if starts:
             results["start_to_serving_s"] = [round(s, 3) for s in starts]
-            issue12.print_start(starts)
-        results["issue12_targets"] = issue12.targets(results)
-        issue12.print_targets(results["issue12_targets"])
+            capacity.print_start(starts)
+        results["targets"] = capacity.targets(results)
+        capacity.print_targets(results["targets"])
     results["load_average_after"] = os.getloadavg()
     load = " ".join(f"{v:.2f}" for v in results["load_average_before"])
     print(f"   load average before the run: {load} ({results['cpus']} CPUs)")

@@ -1,4 +1,4 @@
-"""``python -m bench.floor_servicer``: issue 12's floors, a bare grpc.aio WebChatService.
+"""``python -m bench.floor_servicer``: the floors, a bare grpc.aio WebChatService.
 
 CreateWebChat only awaits a sleep as long as the caller's deadline: the facade's memory and CPU
 per queued caller are compared with it (``make bench`` section 7), what any grpc.aio server pays

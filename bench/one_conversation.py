@@ -1,4 +1,4 @@
-"""``make bench`` sections 4 and 5 (issue 8): what Twilio created against what callers were told.
+"""``make bench`` sections 4 and 5: what Twilio created against what callers were told.
 
 4. Burst with short deadlines, no request_id: after the facade's latency estimate is warm (25
    observed creates; it needs 20), BURST_ROUNDS (3) rounds of 30 callers at once, 1.5 s deadlines,
@@ -13,7 +13,7 @@
 Creates are counted from the emulator's request log, each request with the conversation it created
 and the form it carried (which names the id): that works for any facade, including one that lets
 Twilio pick every identity. ``checkout`` runs another checkout's facade against this emulator
-(``python -m bench --before CHECKOUT``): the README's "before" rows.
+(``python -m bench --before CHECKOUT``), for a row beside this one.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ class Executions:
         self._running[task] = execution
         # What the RPC awaits: resolved when the work ends or the deadline comes, whichever is
         # first. One future and one timer per call, where wait_for(shield(task)) made three
-        # futures, a timer and four callbacks (issue 12: CPU per call, memory per waiting call).
+        # futures, a timer and four callbacks (CPU per call, memory per waiting call).
         woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def finished(done: asyncio.Task[T]) -> None:

@@ -73,7 +73,7 @@ class FlexClient:
     async def wait_turn(self, deadline: Deadline, *, reserve: float = 0.0) -> None:
         """Waits for a create's turn at the rate limit (refused, having taken nothing, when it
         would come too late); ``create_web_chat(..., admitted=True)`` then sends at once. Nothing
-        is sent while waiting, so the caller may wait without a task of its own (issue 12)."""
+        is sent while waiting, so the caller may wait without a task of its own."""
         await self._twilio.wait_turn(self._request_shape, deadline, self._limiter, reserve)
 
 

@@ -125,7 +125,7 @@ class IdempotencyStore:
     async def claim(self, key: str, fingerprint: str, deadline: Deadline) -> Record:
         """The stored outcome for ``key`` (``done``), or this call's own pending record once it
         has claimed the id: then it must ``execute`` it. Sends nothing, so a replay needs no
-        task of its own (issue 12: CPU per replay)."""
+        task of its own (CPU per replay)."""
         mine = Record(fingerprint=fingerprint, owner=os.urandom(16).hex())
         while (existing := await self._claim(key, mine)) is not None:
             if existing.fingerprint != fingerprint:

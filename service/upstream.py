@@ -171,7 +171,7 @@ class TwilioHttp:
         estimate = self.estimate(request.endpoint)
         # The first attempt waits for its turn, and is made, before any retry machinery exists:
         # a call queued behind the rate limit holds its place in the queue and little else, and
-        # tenacity's machinery (about 0.1 ms of CPU per call) is built only to retry (issue 12).
+        # tenacity's machinery (about 0.1 ms of CPU per call) is built only to retry.
         if not admitted:
             await self.wait_turn(request, deadline, limiter, reserve)
         try:

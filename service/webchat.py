@@ -127,7 +127,7 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
                     )
                 else:
                     # The caller gets one answer per id whatever we retry, so an ambiguous
-                    # failure may be retried; see README "Idempotency".
+                    # failure may be retried; see docs/idempotency.md.
                     response = await self._create(
                         params, deadline, retry_ambiguous=True, recorded=True
                     )
@@ -164,7 +164,7 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
         not retried (unless FLEX_RETRY_AMBIGUOUS), and not reported as retryable.
 
         The call waits for its turn at the rate limit in the RPC itself, with nothing sent and
-        nothing held but its place in the queue (issue 12: memory per waiting call); the work
+        nothing held but its place in the queue (memory per waiting call); the work
         that sends, and must outlive its caller, gets a task once the turn has come."""
         try:
             await self._flex.wait_turn(deadline, reserve=self._reserve(params))

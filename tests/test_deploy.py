@@ -196,12 +196,12 @@ def mebibytes(quantity: str) -> float:
 
 def test_single_replica_memory_request_holds_its_in_process_records() -> None:
     """The base request (measured without records) plus the record cap at up to 1.6 KB each
-    (README "Idempotency")."""
+    (docs/idempotency.md)."""
     base = manifests()["Deployment/flexwebchat"]["spec"]["template"]["spec"]["containers"][0]
     docs = manifests("single-replica")
     [container] = docs["Deployment/flexwebchat"]["spec"]["template"]["spec"]["containers"]
     cap = int(docs["ConfigMap/flexwebchat"]["data"]["IDEMPOTENCY_MAX_LOCAL_RECORDS"])
-    records = cap * 1600 / 2**20  # the worst case the README states (and a test measures)
+    records = cap * 1600 / 2**20  # the worst case the docs state (and a test measures)
     requested = mebibytes(container["resources"]["requests"]["memory"])
     assert requested >= mebibytes(base["resources"]["requests"]["memory"]) + records
     assert requested <= mebibytes(container["resources"]["limits"]["memory"])

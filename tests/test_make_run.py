@@ -1,17 +1,19 @@
-"""`make run` without credentials: the emulator, loudly, and the README's grpcurl lines work."""
+"""`make run` without credentials: the emulator, loudly, and the README's examples work as written."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ADDRESS_SID, ROOT, free_port
-from test_grpcurl import grpcurl
+from conftest import ROOT, free_port
+from test_grpcurl import GRPCURL
 
 from emulator.harness import wait_until_serving
 
@@ -24,7 +26,11 @@ def test_make_run_falls_back_to_the_emulator_loudly_and_serves(tmp_path: Path) -
     with stderr.open("w") as err:
         # What `make run` runs (see the Makefile).
         proc = subprocess.Popen(
-            [sys.executable, "-m", "emulator.devrun"], env=env, cwd=ROOT, stderr=err
+            [sys.executable, "-m", "emulator.devrun"],
+            env=env,
+            cwd=ROOT,
+            stderr=err,
+            start_new_session=True,  # its own group: the cleanup below reaches every child
         )
     try:
         assert wait_until_serving(f"127.0.0.1:{port}", proc, timeout=20)
@@ -36,29 +42,9 @@ def test_make_run_falls_back_to_the_emulator_loudly_and_serves(tmp_path: Path) -
         assert "NO TWILIO CREDENTIALS" in banner and "EMULATOR" in banner
         assert "DEMO tokens" in banner
 
-        # The README's guest flow: a chat with a token and a first message, then a refresh.
-        body = json.dumps(
-            {
-                "address_sid": ADDRESS_SID,
-                "customer_friendly_name": "Ada",
-                "issue_token": True,
-                "initial_message": "Hello, I need help with my bill",
-            }
-        )
-        result = grpcurl(
-            "-d", body, f"localhost:{port}", "flexwebchat.v1.WebChatService/CreateWebChat"
-        )
-        assert result.returncode == 0, result.stderr
-        chat = json.loads(result.stdout)
-        assert chat["conversation_sid"].startswith("CH")
-        assert chat["initial_message_sid"].startswith("IM")
-        assert chat["access_token"].count(".") == 2 and chat["access_token_expires_at"]
-        refresh = json.dumps({"access_token": chat["access_token"]})
-        result = grpcurl(
-            "-d", refresh, f"localhost:{port}", "flexwebchat.v1.WebChatService/RefreshGuestToken"
-        )
-        assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout)["identity"] == chat["identity"]
+        # Every grpcurl line of the README, pasted as written (only the port differs), and the
+        # README's Python caller.
+        readme_walk_through(port)
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
@@ -111,3 +97,58 @@ def test_make_run_with_real_credentials_listens_on_loopback_only(tmp_path: Path,
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
+
+
+def readme_examples() -> tuple[list[tuple[str, str]], str]:
+    """The README's ``$ grpcurl`` commands, each with the output it shows, and its Python code."""
+    readme = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", readme, re.S):
+        for command in re.split(r"^\$ ", block, flags=re.M)[1:]:
+            lines = command.splitlines()
+            n = next(i for i in range(1, len(lines) + 1) if _complete("\n".join(lines[:i])))
+            commands.append(("\n".join(lines[:n]), "\n".join(lines[n:])))
+    (python,) = re.findall(r"```python\n(.*?)```", readme, re.S)
+    return commands, python
+
+
+def _complete(command: str) -> bool:
+    """Whether a shell would run these lines as they are: no open quote, no trailing ``\\``."""
+    try:
+        return bool(shlex.split(command)) and not command.endswith("\\")
+    except ValueError:
+        return False
+
+
+def readme_walk_through(port: int) -> None:
+    commands, python = readme_examples()
+    assert len(commands) >= 6, "the README walks through list, describe, create, errors, refresh"
+    token = ""
+    for command, shown in commands:
+        command = command.replace("localhost:50051", f"localhost:{port}")
+        command = command.replace("eyJhbGciOi...", token)  # the reader pastes the token
+        result = subprocess.run(
+            ["bash", "-c", command.replace("grpcurl", GRPCURL, 1)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if shown.startswith("ERROR:"):
+            code = re.search(r"Code: (\w+)", shown)
+            assert code and f"Code: {code.group(1)}" in result.stderr, (command, result.stderr)
+            continue
+        assert result.returncode == 0, (command, result.stderr)
+        if shown.startswith("{"):  # the same fields as the README shows, none missing
+            answer = json.loads(result.stdout)
+            assert set(answer) >= set(re.findall(r'^  "(\w+)":', shown, re.M)), command
+            token = answer.get("access_token", token)
+        else:
+            assert shown.splitlines()[0] in result.stdout, command
+    assert token, "the README's walk-through gets a guest token"
+
+    program = python.replace("localhost:50051", f"localhost:{port}")
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=30, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("CH"), result.stdout

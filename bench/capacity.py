@@ -1,4 +1,4 @@
-"""``make bench`` sections 6 to 9: issue 12's rows that section 1 does not cover.
+"""``make bench`` sections 6 to 9: capacity that section 1 does not cover.
 
 6. 1000 creates at once, the upstream answering in 250 ms, rate limits off: wall time and errors,
    with the facade's upstream pool at 100 connections (the default) and at 1000
@@ -393,7 +393,7 @@ def print_start(starts: list[float]) -> None:
 
 
 def targets(results: dict[str, Any]) -> list[Row]:
-    """Issue 12's table, filled from the sections this run measured (a missing one is skipped)."""
+    """The targets' table, filled from the sections this run measured (a missing one is skipped)."""
     rows: list[Row] = []
 
     def add(metric: str, value: str, target: str, met: bool) -> None:
@@ -454,7 +454,7 @@ def targets(results: dict[str, Any]) -> list[Row]:
 def print_targets(rows: list[Row]) -> None:
     if not rows:
         return
-    print("10. Issue 12 targets, this run")
+    print("10. Performance targets, this run")
     print(f"{'':<58} {'measured':<26} {'target':<16} met")
     for r in rows:
         met = "yes" if r["met"] else "no"
