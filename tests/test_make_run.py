@@ -1,4 +1,4 @@
-"""`make run` without credentials: the emulator, loudly, and the README's examples work as written."""
+"""`make run` without credentials: the emulator, loudly, and the README's examples as written."""
 
 from __future__ import annotations
 
