@@ -10,9 +10,11 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from .identities import FACADE_IDENTITY_PREFIX
 
 
 class ConfigError(Exception):
@@ -96,6 +98,8 @@ class Settings:
     tls_client_ca_file: str = ""
     tls_client_names: frozenset[str] = frozenset()
     auth_tokens_file: str = ""
+    # caller -> the prefix of the identities it may choose (none: it may not choose)
+    caller_identity_prefixes: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -162,6 +166,7 @@ class Settings:
                 name.strip() for name in reader.text("TLS_CLIENT_NAMES").split(",") if name.strip()
             ),
             auth_tokens_file=reader.text("AUTH_TOKENS_FILE"),
+            caller_identity_prefixes=_identity_prefixes(reader.text("CALLER_IDENTITY_PREFIXES")),
         )
         if settings.redis_url is not None and not settings.account_sid:
             # The shared rate budget is keyed by account (Twilio's limit is per account); an API
@@ -257,6 +262,34 @@ class _EnvReader:
 
 # The Ui-Version header: visible ASCII, no spaces (service.validation checks callers' values).
 _UI_VERSION = re.compile(r"[\x21-\x7e]{1,64}")
+
+
+def _identity_prefixes(raw: str) -> dict[str, str]:
+    """``caller=prefix,...``: no two prefixes (the facade's own included) may overlap, or an
+    identity would belong to two owners."""
+    prefixes: dict[str, str] = {}
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        caller, sep, prefix = (part.strip() for part in item.partition("="))
+        if not sep or not caller or not prefix:
+            raise ConfigError(
+                "CALLER_IDENTITY_PREFIXES must be caller=prefix pairs separated by commas, each "
+                f"caller and prefix non-empty; got {item.strip()!r}"
+            )
+        if caller in prefixes:
+            raise ConfigError(f"CALLER_IDENTITY_PREFIXES lists the caller {caller!r} twice")
+        prefixes[caller] = prefix
+    owners = [(prefix, f"caller {caller!r}") for caller, prefix in prefixes.items()]
+    owners.append((FACADE_IDENTITY_PREFIX, "the facade's own identities"))
+    for index, (prefix, owner) in enumerate(owners):
+        for other_prefix, other in owners[index + 1 :]:
+            if prefix.startswith(other_prefix) or other_prefix.startswith(prefix):
+                raise ConfigError(
+                    f"CALLER_IDENTITY_PREFIXES: {prefix!r} ({owner}) and {other_prefix!r} "
+                    f"({other}) overlap: an identity would belong to both"
+                )
+    return prefixes
 
 
 def _ui_version(value: str) -> str:

@@ -13,6 +13,7 @@ Exception tree::
     ├── Draining                     this replica is shutting down; another one will serve
     ├── SharedStateUnavailable       Redis (shared limits, idempotency) cannot be reached
     ├── Unauthenticated              caller auth is on and the call has no valid token
+    ├── IdentityNotAllowed           ``identity`` outside the caller's namespace (PERMISSION_DENIED)
     ├── TokensNotConfigured          issue_token/RefreshGuestToken without token settings
     ├── TokenRejected                a presented guest token is forged, foreign or expired
     ├── ServerLimit                  a limit the facade enforces on itself (RESOURCE_EXHAUSTED)
@@ -130,6 +131,11 @@ class SharedStateUnavailable(FacadeError):
 
 class Unauthenticated(FacadeError):
     """Caller authentication is on and the call did not prove who it is."""
+
+
+class IdentityNotAllowed(FacadeError):
+    """The caller chose an ``identity`` outside its CALLER_IDENTITY_PREFIXES namespace. The
+    message never repeats the identity: it may be an agent's."""
 
 
 class TokensNotConfigured(FacadeError):
@@ -271,6 +277,9 @@ def to_status(exc: BaseException) -> status_pb2.Status:
             return _status(code_pb2.UNAVAILABLE, str(exc), info, _retry_info(None))
         case Unauthenticated():
             return _status(code_pb2.UNAUTHENTICATED, str(exc))
+        case IdentityNotAllowed():
+            info = _error_info("IDENTITY_NOT_ALLOWED", FACADE_DOMAIN, {})
+            return _status(code_pb2.PERMISSION_DENIED, str(exc), info)
         case TokensNotConfigured():
             failure = error_details_pb2.PreconditionFailure(
                 violations=[

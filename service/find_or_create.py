@@ -36,6 +36,7 @@ from .deadline import Deadline
 from .errors import FacadeError, UpstreamUnreachable
 from .flex import FlexClient, WebChat
 from .idempotency import RecordBackend
+from .identities import FACADE_IDENTITY_PREFIX
 from .params import WebChatParams
 from .upstream import is_ambiguous
 
@@ -63,7 +64,8 @@ class FindOrCreate:
 
     def identity(self, key: str) -> str:
         digest = hmac.new(self._account, key.encode(), hashlib.sha256).digest()
-        return str(uuid.UUID(bytes=digest[:16], version=4))
+        # The prefix no caller may choose in (CALLER_IDENTITY_PREFIXES): nobody can take it first.
+        return FACADE_IDENTITY_PREFIX + str(uuid.UUID(bytes=digest[:16], version=4))
 
     async def create(
         self, key: str, params: WebChatParams, deadline: Deadline, *, reserve: float = 0.0

@@ -31,6 +31,7 @@ from .execution import Executions
 from .find_or_create import FindOrCreate
 from .flex import FlexClient, WebChat
 from .idempotency import IdempotencyStore, Outcome, is_stored_failure
+from .identities import check_identity
 from .params import WebChatParams
 from .ratelimit import CallerQuota
 from .tokens import GuestToken, GuestTokens
@@ -70,11 +71,14 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
     async def CreateWebChat(
         self, request: webchat_pb2.CreateWebChatRequest, context: CreateContext
     ) -> webchat_pb2.CreateWebChatResponse:
+        rpc = obs.current_rpc()
+        # First: a refused identity must not learn which other field is wrong, nor replay a
+        # stored request_id (and mint a token for its identity).
+        check_identity(self._settings.caller_identity_prefixes, rpc.caller, request.identity)
         params = validate(request)
         if request.issue_token:
             self._require_tokens()  # before anything is created
         deadline = self._deadline(context)
-        rpc = obs.current_rpc()
         give_back = self._quota.take(rpc.caller)  # until the work ends, even after the caller
         if request.request_id:
             rpc.request_id = request.request_id

@@ -13,10 +13,16 @@ from conftest import ADDRESS_SID, EmulatorProcess, FacadeProcess, rich_status
 CONVERSATION_SID = re.compile(r"CH[0-9a-f]{32}")
 
 
+@pytest.fixture
+def guests(make_facade, upstream: EmulatorProcess) -> FacadeProcess:
+    """A facade where callers (anonymous: caller auth is off) may choose identities guest-*."""
+    return make_facade(upstream.url, CALLER_IDENTITY_PREFIXES="anonymous=guest-")  # type: ignore[no-any-return]
+
+
 def test_create_returns_the_new_conversation(
-    facade: FacadeProcess, upstream: EmulatorProcess
+    guests: FacadeProcess, upstream: EmulatorProcess
 ) -> None:
-    reply = facade.create(customer_friendly_name="Ada", identity="guest-42")
+    reply = guests.create(customer_friendly_name="Ada", identity="guest-42")
 
     assert CONVERSATION_SID.fullmatch(reply.conversation_sid)
     assert reply.identity == "guest-42"
@@ -29,13 +35,13 @@ def test_create_returns_the_new_conversation(
     }
 
 
-def test_full_request_maps_every_field(facade: FacadeProcess, upstream: EmulatorProcess) -> None:
-    facade.create(
+def test_full_request_maps_every_field(guests: FacadeProcess, upstream: EmulatorProcess) -> None:
+    guests.create(
         chat_friendly_name="Billing question",
         customer_friendly_name="Ada Lovelace",
         pre_engagement_data='{"topic": "billing", "email": "ada@example.com"}',
         ui_version="2.1.0",
-        identity="ada",
+        identity="guest-ada",
     )
     [seen] = upstream.requests()
     assert seen["form"] == {
@@ -43,7 +49,7 @@ def test_full_request_maps_every_field(facade: FacadeProcess, upstream: Emulator
         "ChatFriendlyName": "Billing question",
         "CustomerFriendlyName": "Ada Lovelace",
         "PreEngagementData": '{"topic": "billing", "email": "ada@example.com"}',
-        "Identity": "ada",
+        "Identity": "guest-ada",
     }
     assert seen["headers"]["Ui-Version"] == "2.1.0"
 

@@ -62,6 +62,7 @@ def replicas(
         "REDIS_URL": redis_server.url,
         "FLEX_RATE_LIMIT_RPS": str(RATE),
         "IDEMPOTENCY_LOCK_SECONDS": "1",
+        "CALLER_IDENTITY_PREFIXES": "anonymous=guest-",
     }
     return [make_facade(upstream.url, **env), make_facade(upstream.url, **env)]
 
@@ -137,13 +138,13 @@ def test_a_request_id_retried_on_another_replica_returns_the_same_chat(
     replicas: list[FacadeProcess], upstream: EmulatorProcess
 ) -> None:
     request_id = str(uuid.uuid4())
-    first = replicas[0].create(request_id=request_id, identity="ada")
-    again = replicas[1].create(request_id=request_id, identity="ada")
+    first = replicas[0].create(request_id=request_id, identity="guest-ada")
+    again = replicas[1].create(request_id=request_id, identity="guest-ada")
     assert (again.conversation_sid, again.identity) == (first.conversation_sid, first.identity)
     assert len(upstream.requests()) == 1
 
     with pytest.raises(grpc.RpcError) as caught:
-        replicas[1].create(request_id=request_id, identity="someone-else")
+        replicas[1].create(request_id=request_id, identity="guest-someone-else")
     details = rich_status(caught.value)
     assert details["code"] == grpc.StatusCode.INVALID_ARGUMENT
     assert details["BadRequest"].field_violations[0].field == "request_id"

@@ -25,7 +25,7 @@ CASES = {
         chat_friendly_name="Support chat",
         customer_friendly_name="Ada Lovelace",
         pre_engagement_data=json.dumps({"friendlyName": "Ada", "question": "Où est ma commande ?"}),
-        identity="ada@example.com",
+        identity="guest-ada@example.com",
         ui_version="1.0.0",
     ),
     "minimal": {},
@@ -37,6 +37,12 @@ def twilio_python_request(upstream: EmulatorProcess, fields: dict[str, str]) -> 
     client.flex_api.base_url = upstream.url
     client.flex_api.v2.web_channels.create(address_sid=ADDRESS_SID, **fields)
     return upstream.requests()[-1]
+
+
+@pytest.fixture
+def facade(make_facade, upstream: EmulatorProcess) -> FacadeProcess:
+    """Callers (anonymous: caller auth is off) may choose identities starting guest-."""
+    return make_facade(upstream.url, CALLER_IDENTITY_PREFIXES="anonymous=guest-")  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("case", CASES)
