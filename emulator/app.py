@@ -9,6 +9,9 @@ errors in Twilio's shape. Faults and latency apply to every endpoint. Tests stee
 * ``GET  /__emulator/requests``  every request received: time, headers, form, answered status,
   and the ``conversation_sid`` it created (null if none; set even when a fault hid the answer)
 * ``GET  /__emulator/conversations``  every conversation created: SID -> guest identity
+* ``POST /__emulator/conversations/{CH}``  ``{"state": "closed"}``: sets a conversation's state
+  (``active``, ``inactive`` or ``closed``, as an agent ending the chat would); the
+  user-conversations read reports it as ``conversation_state``
 * ``POST /__emulator/faults``    ``{"faults": [...], "latency": s}``: each fault answers one coming
   request, in order: ``{"status": 503, "code": 20503, "message": "...", "retry_after": "1",
   "latency": 0.5, "body": "raw text", "drop": true, "after": true}`` (drop closes the connection
@@ -39,6 +42,7 @@ ADDRESS_SID = re.compile(r"IG[0-9a-fA-F]{32}")
 SERVICE_SID = "IS" + "0" * 32  # the demo Flex conversations service (make run's guest tokens)
 MAX_PRE_ENGAGEMENT_BYTES = 16 * 1024
 MAX_MESSAGE_BYTES = 32 * 1024
+CONVERSATION_STATES = ("active", "inactive", "closed")
 
 
 @dataclass
@@ -72,6 +76,8 @@ class Emulator:
     latency: float = 0.0
     bucket: TokenBucket | None = None
     conversations: dict[str, str] = field(default_factory=dict)  # CH… -> guest identity
+    states: dict[str, str] = field(default_factory=dict)  # CH… -> active / inactive / closed
+    created: dict[str, str] = field(default_factory=dict)  # CH… -> date_created (ISO 8601)
     message_count: int = 0
 
     def __post_init__(self) -> None:
@@ -81,6 +87,8 @@ class Emulator:
         self.requests.clear()
         self.faults.clear()
         self.conversations.clear()
+        self.states.clear()
+        self.created.clear()
         self.latency = 0.0
         self.bucket = TokenBucket(self.rate_limit, self.rate_limit) if self.rate_limit else None
 
@@ -93,6 +101,7 @@ class Emulator:
         )
         app.router.add_get("/__emulator/requests", self.list_requests)
         app.router.add_get("/__emulator/conversations", self.list_conversations)
+        app.router.add_post("/__emulator/conversations/{sid}", self.set_conversation_state)
         app.router.add_post("/__emulator/faults", self.add_faults)
         app.router.add_post("/__emulator/reset", self.reset_state)
         return app
@@ -177,6 +186,8 @@ class Emulator:
             "identity": form.get("Identity") or str(uuid.uuid4()),
         }
         self.conversations[body["conversation_sid"]] = body["identity"]
+        self.states[body["conversation_sid"]] = "active"
+        self.created[body["conversation_sid"]] = _now_iso()
         request["conversation_sid"] = body["conversation_sid"]  # for the request log
         return web.json_response(body, status=201)
 
@@ -192,7 +203,8 @@ class Emulator:
             {
                 "conversation_sid": sid,
                 "chat_service_sid": SERVICE_SID,
-                "conversation_state": "active",
+                "conversation_state": self.states[sid],
+                "date_created": self.created[sid],
             }
             for sid in sids
         ]
@@ -216,7 +228,7 @@ class Emulator:
             "author": form.get("Author") or "system",
             "body": body,
             "index": self.message_count - 1,
-            "date_created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "date_created": _now_iso(),
         }
         return web.json_response(message, status=201)
 
@@ -237,6 +249,14 @@ class Emulator:
     async def list_conversations(self, request: web.Request) -> web.Response:
         return web.json_response(self.conversations)
 
+    async def set_conversation_state(self, request: web.Request) -> web.Response:
+        sid = request.match_info["sid"]
+        state = (await request.json()).get("state")
+        if sid not in self.conversations or state not in CONVERSATION_STATES:
+            return web.json_response({"error": "unknown conversation or state"}, status=400)
+        self.states[sid] = state
+        return web.json_response({sid: state})
+
     async def add_faults(self, request: web.Request) -> web.Response:
         spec = await request.json()
         self.faults.extend(spec.get("faults", []))
@@ -247,6 +267,10 @@ class Emulator:
     async def reset_state(self, request: web.Request) -> web.Response:
         self.reset()
         return web.json_response({})
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def twilio_error(status: int, code: int, message: str) -> web.Response:

@@ -86,6 +86,13 @@ class EmulatorProcess:
         """Every conversation the emulator created (what Twilio would hold): SID -> identity."""
         return dict(self.control.get("/__emulator/conversations").json())
 
+    def set_state(self, conversation_sid: str, state: str) -> None:
+        """Sets a conversation's state, as Flex does when an agent ends the chat (``closed``)."""
+        answer = self.control.post(
+            f"/__emulator/conversations/{conversation_sid}", json={"state": state}
+        )
+        answer.raise_for_status()
+
     def busiest_second(self) -> int:
         """The most requests that arrived within any 1 s window, refused ones included."""
         times = sorted(r["time"] for r in self.requests())
