@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66lexwebchat/v1/webchat.proto\x12\x0e\x66lexwebchat.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xec\x01\n\x14\x43reateWebChatRequest\x12\x13\n\x0b\x61\x64\x64ress_sid\x18\x01 \x01(\t\x12\x1a\n\x12\x63hat_friendly_name\x18\x02 \x01(\t\x12\x1e\n\x16\x63ustomer_friendly_name\x18\x03 \x01(\t\x12\x1b\n\x13pre_engagement_data\x18\x04 \x01(\t\x12\x12\n\nui_version\x18\x05 \x01(\t\x12\x10\n\x08identity\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x13\n\x0bissue_token\x18\x08 \x01(\x08\x12\x17\n\x0finitial_message\x18\t \x01(\t\"\xb3\x01\n\x15\x43reateWebChatResponse\x12\x18\n\x10\x63onversation_sid\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x03 \x01(\t\x12;\n\x17\x61\x63\x63\x65ss_token_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13initial_message_sid\x18\x05 \x01(\t\"0\n\x18RefreshGuestTokenRequest\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\"\x80\x01\n\x19RefreshGuestTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12;\n\x17\x61\x63\x63\x65ss_token_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08identity\x18\x03 \x01(\t2\xd8\x01\n\x0eWebChatService\x12\\\n\rCreateWebChat\x12$.flexwebchat.v1.CreateWebChatRequest\x1a%.flexwebchat.v1.CreateWebChatResponse\x12h\n\x11RefreshGuestToken\x12(.flexwebchat.v1.RefreshGuestTokenRequest\x1a).flexwebchat.v1.RefreshGuestTokenResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66lexwebchat/v1/webchat.proto\x12\x0e\x66lexwebchat.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xec\x01\n\x14\x43reateWebChatRequest\x12\x13\n\x0b\x61\x64\x64ress_sid\x18\x01 \x01(\t\x12\x1a\n\x12\x63hat_friendly_name\x18\x02 \x01(\t\x12\x1e\n\x16\x63ustomer_friendly_name\x18\x03 \x01(\t\x12\x1b\n\x13pre_engagement_data\x18\x04 \x01(\t\x12\x12\n\nui_version\x18\x05 \x01(\t\x12\x10\n\x08identity\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x13\n\x0bissue_token\x18\x08 \x01(\x08\x12\x17\n\x0finitial_message\x18\t \x01(\t\"\xeb\x01\n\x15\x43reateWebChatResponse\x12\x18\n\x10\x63onversation_sid\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x03 \x01(\t\x12;\n\x17\x61\x63\x63\x65ss_token_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13initial_message_sid\x18\x05 \x01(\t\x12\x36\n\x12session_expires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"0\n\x18RefreshGuestTokenRequest\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\"\xb8\x01\n\x19RefreshGuestTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12;\n\x17\x61\x63\x63\x65ss_token_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08identity\x18\x03 \x01(\t\x12\x36\n\x12session_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xd8\x01\n\x0eWebChatService\x12\\\n\rCreateWebChat\x12$.flexwebchat.v1.CreateWebChatRequest\x1a%.flexwebchat.v1.CreateWebChatResponse\x12h\n\x11RefreshGuestToken\x12(.flexwebchat.v1.RefreshGuestTokenRequest\x1a).flexwebchat.v1.RefreshGuestTokenResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEWEBCHATREQUEST']._serialized_start=82
   _globals['_CREATEWEBCHATREQUEST']._serialized_end=318
   _globals['_CREATEWEBCHATRESPONSE']._serialized_start=321
-  _globals['_CREATEWEBCHATRESPONSE']._serialized_end=500
-  _globals['_REFRESHGUESTTOKENREQUEST']._serialized_start=502
-  _globals['_REFRESHGUESTTOKENREQUEST']._serialized_end=550
-  _globals['_REFRESHGUESTTOKENRESPONSE']._serialized_start=553
-  _globals['_REFRESHGUESTTOKENRESPONSE']._serialized_end=681
-  _globals['_WEBCHATSERVICE']._serialized_start=684
-  _globals['_WEBCHATSERVICE']._serialized_end=900
+  _globals['_CREATEWEBCHATRESPONSE']._serialized_end=556
+  _globals['_REFRESHGUESTTOKENREQUEST']._serialized_start=558
+  _globals['_REFRESHGUESTTOKENREQUEST']._serialized_end=606
+  _globals['_REFRESHGUESTTOKENRESPONSE']._serialized_start=609
+  _globals['_REFRESHGUESTTOKENRESPONSE']._serialized_end=793
+  _globals['_WEBCHATSERVICE']._serialized_start=796
+  _globals['_WEBCHATSERVICE']._serialized_end=1012
 # @@protoc_insertion_point(module_scope)

@@ -31,18 +31,20 @@ class CreateWebChatRequest(_message.Message):
     def __init__(self, address_sid: _Optional[str] = ..., chat_friendly_name: _Optional[str] = ..., customer_friendly_name: _Optional[str] = ..., pre_engagement_data: _Optional[str] = ..., ui_version: _Optional[str] = ..., identity: _Optional[str] = ..., request_id: _Optional[str] = ..., issue_token: _Optional[bool] = ..., initial_message: _Optional[str] = ...) -> None: ...
 
 class CreateWebChatResponse(_message.Message):
-    __slots__ = ("conversation_sid", "identity", "access_token", "access_token_expires_at", "initial_message_sid")
+    __slots__ = ("conversation_sid", "identity", "access_token", "access_token_expires_at", "initial_message_sid", "session_expires_at")
     CONVERSATION_SID_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ACCESS_TOKEN_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     INITIAL_MESSAGE_SID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     conversation_sid: str
     identity: str
     access_token: str
     access_token_expires_at: _timestamp_pb2.Timestamp
     initial_message_sid: str
-    def __init__(self, conversation_sid: _Optional[str] = ..., identity: _Optional[str] = ..., access_token: _Optional[str] = ..., access_token_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., initial_message_sid: _Optional[str] = ...) -> None: ...
+    session_expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, conversation_sid: _Optional[str] = ..., identity: _Optional[str] = ..., access_token: _Optional[str] = ..., access_token_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., initial_message_sid: _Optional[str] = ..., session_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RefreshGuestTokenRequest(_message.Message):
     __slots__ = ("access_token",)
@@ -51,11 +53,13 @@ class RefreshGuestTokenRequest(_message.Message):
     def __init__(self, access_token: _Optional[str] = ...) -> None: ...
 
 class RefreshGuestTokenResponse(_message.Message):
-    __slots__ = ("access_token", "access_token_expires_at", "identity")
+    __slots__ = ("access_token", "access_token_expires_at", "identity", "session_expires_at")
     ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ACCESS_TOKEN_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     access_token: str
     access_token_expires_at: _timestamp_pb2.Timestamp
     identity: str
-    def __init__(self, access_token: _Optional[str] = ..., access_token_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., identity: _Optional[str] = ...) -> None: ...
+    session_expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, access_token: _Optional[str] = ..., access_token_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., identity: _Optional[str] = ..., session_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -59,8 +59,11 @@ class WebChatServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RefreshGuestToken(self, request, context):
-        """Re-issues a guest's access token (no Twilio call). Call it before
-        access_token_expires_at; an expired token cannot be refreshed.
+        """Re-issues a guest's access token. Before access_token_expires_at it
+        calls no Twilio API. After it (a guest coming back), the session's
+        creator may resume until session_expires_at: the facade then reads the
+        conversation's state, and a closed conversation is FAILED_PRECONDITION
+        with ErrorInfo reason CONVERSATION_CLOSED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -39,8 +39,11 @@ class WebChatServiceStub:
     CreateWebChat: _grpc.UnaryUnaryMultiCallable[_webchat_pb2.CreateWebChatRequest, _webchat_pb2.CreateWebChatResponse]
     """Creates a guest conversation through Flex (POST /v2/WebChats)."""
     RefreshGuestToken: _grpc.UnaryUnaryMultiCallable[_webchat_pb2.RefreshGuestTokenRequest, _webchat_pb2.RefreshGuestTokenResponse]
-    """Re-issues a guest's access token (no Twilio call). Call it before
-    access_token_expires_at; an expired token cannot be refreshed.
+    """Re-issues a guest's access token. Before access_token_expires_at it
+    calls no Twilio API. After it (a guest coming back), the session's
+    creator may resume until session_expires_at: the facade then reads the
+    conversation's state, and a closed conversation is FAILED_PRECONDITION
+    with ErrorInfo reason CONVERSATION_CLOSED.
     """
 
 @_typing.type_check_only
@@ -51,8 +54,11 @@ class WebChatServiceAsyncStub(WebChatServiceStub):
     CreateWebChat: _aio.UnaryUnaryMultiCallable[_webchat_pb2.CreateWebChatRequest, _webchat_pb2.CreateWebChatResponse]  # type: ignore[assignment]
     """Creates a guest conversation through Flex (POST /v2/WebChats)."""
     RefreshGuestToken: _aio.UnaryUnaryMultiCallable[_webchat_pb2.RefreshGuestTokenRequest, _webchat_pb2.RefreshGuestTokenResponse]  # type: ignore[assignment]
-    """Re-issues a guest's access token (no Twilio call). Call it before
-    access_token_expires_at; an expired token cannot be refreshed.
+    """Re-issues a guest's access token. Before access_token_expires_at it
+    calls no Twilio API. After it (a guest coming back), the session's
+    creator may resume until session_expires_at: the facade then reads the
+    conversation's state, and a closed conversation is FAILED_PRECONDITION
+    with ErrorInfo reason CONVERSATION_CLOSED.
     """
 
 class WebChatServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -72,8 +78,11 @@ class WebChatServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _webchat_pb2.RefreshGuestTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_webchat_pb2.RefreshGuestTokenResponse, _abc.Awaitable[_webchat_pb2.RefreshGuestTokenResponse]]:
-        """Re-issues a guest's access token (no Twilio call). Call it before
-        access_token_expires_at; an expired token cannot be refreshed.
+        """Re-issues a guest's access token. Before access_token_expires_at it
+        calls no Twilio API. After it (a guest coming back), the session's
+        creator may resume until session_expires_at: the facade then reads the
+        conversation's state, and a closed conversation is FAILED_PRECONDITION
+        with ErrorInfo reason CONVERSATION_CLOSED.
         """
 
 def add_WebChatServiceServicer_to_server(servicer: WebChatServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
