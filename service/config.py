@@ -66,6 +66,7 @@ class Settings:
     conversations_url: str = "https://conversations.twilio.com"
     conversations_service_sid: str = ""  # set: guest tokens are on
     guest_token_ttl: int = 3600
+    guest_session_max: int = 86400  # no token outlives its session's start plus this
     # Account-wide rate limit
     rate_limit_rps: float = 5.0
     rate_limit_burst: int = 1
@@ -118,6 +119,7 @@ class Settings:
             conversations_url=_base_url(reader, "conversations", "CONVERSATIONS_API_BASE_URL"),
             conversations_service_sid=_service_sid(reader.text("TWILIO_CONVERSATIONS_SERVICE_SID")),
             guest_token_ttl=_token_ttl(reader),
+            guest_session_max=_session_max(reader),
             ui_version=_ui_version(reader.text("FLEX_UI_VERSION")),
             attempt_timeout=reader.number("FLEX_ATTEMPT_TIMEOUT_SECONDS", 10.0, minimum=0.1),
             latency_estimate=reader.number("FLEX_LATENCY_ESTIMATE_SECONDS", 0.5, minimum=0.0),
@@ -361,6 +363,19 @@ def _token_ttl(reader: _EnvReader) -> int:
             f"{MAX_TOKEN_TTL} (Twilio's bounds), got {reader.text('GUEST_TOKEN_TTL_SECONDS')!r}"
         )
     return int(ttl)
+
+
+MIN_SESSION, MAX_SESSION = 60, 30 * 86400
+
+
+def _session_max(reader: _EnvReader) -> int:
+    seconds = reader.number("GUEST_SESSION_MAX_SECONDS", 86400, minimum=MIN_SESSION)
+    if seconds > MAX_SESSION or seconds != int(seconds):
+        raise ConfigError(
+            f"GUEST_SESSION_MAX_SECONDS must be whole seconds from {MIN_SESSION} to "
+            f"{MAX_SESSION}, got {reader.text('GUEST_SESSION_MAX_SECONDS')!r}"
+        )
+    return int(seconds)
 
 
 def _base_url(reader: _EnvReader, product: str, variable: str) -> str:

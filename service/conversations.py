@@ -1,5 +1,6 @@
 """Twilio Conversations: posting the guest's first message into its new conversation, and asking
-which conversations a guest is in (to find a chat whose create may or may not have happened).
+which conversations a guest is in (to find a chat whose create may or may not have happened, and
+whether a returning guest's chat is still open).
 
 ``POST {conversations}/v1/Conversations/{CH}/Messages`` with ``Author`` = the guest identity and
 ``X-Twilio-Webhook-Enabled: true``, so the post fires the conversation's webhooks (what starts the
@@ -11,15 +12,17 @@ does not draw on the WebChats rate budget: that limit is the webchat orchestrato
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import quote
 
 from .config import Settings
 from .deadline import Deadline
-from .errors import UpstreamBadResponse, UpstreamError
+from .errors import UnusableRead, UpstreamBadResponse, UpstreamError
 from .flex import CONVERSATION_SID
 from .upstream import TwilioHttp, UpstreamRequest, json_object
 
 MESSAGE_SID = re.compile(r"IM[0-9a-fA-F]{32}")
+CONVERSATION_STATES = frozenset({"active", "inactive", "closed"})
 
 
 class ConversationsClient:
@@ -31,6 +34,36 @@ class ConversationsClient:
     async def find_conversation(self, identity: str, deadline: Deadline) -> str | None:
         """The SID of a conversation the guest ``identity`` is in, or None when Twilio knows no
         such guest (404) or the guest is in none. A GET: every failure class may be retried."""
+        for entry in await self._user_conversations(identity, deadline) or []:
+            sid = entry.get("conversation_sid") if isinstance(entry, dict) else None
+            if isinstance(sid, str) and CONVERSATION_SID.fullmatch(sid):
+                return sid
+        return None
+
+    async def conversation_state(
+        self, identity: str, conversation_sid: str, deadline: Deadline
+    ) -> str:
+        """``active``, ``inactive`` or ``closed``: the state of the guest's conversation
+        ``conversation_sid`` (or, when "", of the first the guest is in). A conversation the guest
+        is no longer in, or a guest Twilio no longer knows, reads as ``closed``: there is nothing
+        to return to. UnusableRead when the answer does not say."""
+        listed = await self._user_conversations(identity, deadline)
+        if listed is None:
+            raise UnusableRead("the user conversations are not a list")
+        for entry in listed:
+            sid = entry.get("conversation_sid") if isinstance(entry, dict) else None
+            if not isinstance(sid, str) or not CONVERSATION_SID.fullmatch(sid):
+                raise UnusableRead("a user conversation without a conversation_sid")
+            if conversation_sid in ("", sid):
+                state = entry.get("conversation_state")
+                if state not in CONVERSATION_STATES:
+                    raise UnusableRead("a user conversation without a known conversation_state")
+                return str(state)
+        return "closed"
+
+    async def _user_conversations(self, identity: str, deadline: Deadline) -> list[Any] | None:
+        """The guest's entries of ``GET /v1/Services/{IS}/Users/{identity}/Conversations``:
+        empty when Twilio knows no such guest (404), None when the answer has no list."""
         request = UpstreamRequest(
             "user_conversations",
             f"{self._base}/v1/Services/{self._service_sid}/Users/"
@@ -42,14 +75,10 @@ class ConversationsClient:
             response = await self._twilio.send(request, deadline, retry_ambiguous=True)
         except UpstreamError as exc:
             if exc.http_status == 404:
-                return None
+                return []
             raise
         listed = (json_object(response) or {}).get("conversations")
-        for entry in listed if isinstance(listed, list) else []:
-            sid = entry.get("conversation_sid") if isinstance(entry, dict) else None
-            if isinstance(sid, str) and CONVERSATION_SID.fullmatch(sid):
-                return sid
-        return None
+        return listed if isinstance(listed, list) else None
 
     def message_need(self) -> float:
         """The time a message post is expected to take (reserved by a create followed by one)."""

@@ -88,6 +88,14 @@ class UpstreamBadResponse(FacadeError):
         super().__init__(f"Twilio answered {http_status} with an unusable body: {reason}")
 
 
+class UnusableRead(FacadeError):
+    """A read from Twilio answered 2xx with a body that does not say what was asked. Nothing was
+    changed by it, so a retry is safe (unlike a create's unusable answer)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"Twilio answered with an unusable body: {reason}; retry")
+
+
 class RateLimitExceeded(FacadeError):
     """The account-wide rate limit cannot admit the request before its deadline."""
 
@@ -155,13 +163,37 @@ class TokenRejected(FacadeError):
     the message says which and nothing more, so it cannot guide a forgery."""
 
     MESSAGES: ClassVar[dict[str, str]] = {
-        "TOKEN_EXPIRED": "the access token has expired; start a new chat session",
+        "TOKEN_EXPIRED": "the guest session has ended; start a new chat",
         "TOKEN_INVALID": "the access token was not issued by this service",
     }
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(self.MESSAGES[reason])
+
+
+class TokenWrongCaller(FacadeError):
+    """A genuine token of a session another caller created."""
+
+    def __init__(self) -> None:
+        super().__init__("the access token belongs to a session another caller created")
+
+
+class SessionEnded(FacadeError):
+    """A token was asked for (a replay with issue_token) after the guest session ended."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the guest session of this request_id has ended (GUEST_SESSION_MAX_SECONDS): "
+            "no token can be issued for it; start a new chat with a new request_id"
+        )
+
+
+class ConversationClosed(FacadeError):
+    """A resume of a guest whose conversation an agent has closed."""
+
+    def __init__(self) -> None:
+        super().__init__("the guest's conversation has been closed; start a new chat")
 
 
 class ServerLimit(FacadeError):
@@ -249,6 +281,9 @@ def to_status(exc: BaseException) -> status_pb2.Status:
             metadata = {"http_status": str(exc.http_status)}
             info = _error_info("UPSTREAM_BAD_RESPONSE", UPSTREAM_DOMAIN, metadata)
             return _status(code_pb2.INTERNAL, str(exc), info)
+        case UnusableRead():
+            info = _error_info("UPSTREAM_BAD_RESPONSE", UPSTREAM_DOMAIN, {})
+            return _status(code_pb2.UNAVAILABLE, str(exc), info, _retry_info(None))
         case RateLimitExceeded():
             info = _error_info("RATE_LIMITED", FACADE_DOMAIN, {})
             return _status(
@@ -294,6 +329,15 @@ def to_status(exc: BaseException) -> status_pb2.Status:
             status = _invalid([("access_token", str(exc))])
             status.details.add().Pack(_error_info(exc.reason, FACADE_DOMAIN, {}))
             return status
+        case TokenWrongCaller():
+            info = _error_info("TOKEN_WRONG_CALLER", FACADE_DOMAIN, {})
+            return _status(code_pb2.PERMISSION_DENIED, str(exc), info)
+        case SessionEnded():
+            info = _error_info("TOKEN_EXPIRED", FACADE_DOMAIN, {})
+            return _status(code_pb2.FAILED_PRECONDITION, str(exc), info)
+        case ConversationClosed():
+            info = _error_info("CONVERSATION_CLOSED", FACADE_DOMAIN, {})
+            return _status(code_pb2.FAILED_PRECONDITION, str(exc), info)
         case ServerLimit():
             limit: list[object] = [_error_info(exc.reason, FACADE_DOMAIN, {})]
             if exc.retry_after is not None:

@@ -58,6 +58,9 @@ class Record:
     done: bool = False
     ok: bool = False
     payload: bytes = b""
+    # Wall time (unix seconds) the outcome was produced: for a success, the conversation's
+    # creation, which is where its guest session starts; 0 when unknown.
+    completed_at: float = 0.0
 
 
 class RecordBackend(Protocol):
@@ -157,9 +160,12 @@ class IdempotencyStore:
         transient failure or cancellation the id is freed for a retry."""
         heartbeat = asyncio.create_task(self._heartbeat(key, mine.owner))
         try:
-            final = replace(mine, done=True, ok=True, payload=await work())
+            payload = await work()
+            final = replace(mine, done=True, ok=True, payload=payload, completed_at=time.time())
         except Outcome as outcome:
-            final = replace(mine, done=True, ok=False, payload=outcome.payload)
+            final = replace(
+                mine, done=True, ok=False, payload=outcome.payload, completed_at=time.time()
+            )
         except BaseException:
             # Transient failure or cancellation: free the id for a retry.
             heartbeat.cancel()

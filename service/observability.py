@@ -78,12 +78,13 @@ IDEMPOTENCY = Counter(
 )
 GUEST_TOKENS = Counter(
     "flexwebchat_guest_tokens_issued",
-    "Guest access tokens issued, by RPC (create, refresh)",
+    "Guest access tokens issued, by way (create, refresh, resume of an expired token)",
     ["via"],
 )
 TOKEN_REFRESH_REFUSED = Counter(
     "flexwebchat_token_refresh_refused",
-    "RefreshGuestToken refusals, by reason (TOKEN_INVALID, TOKEN_EXPIRED)",
+    "RefreshGuestToken refusals, by reason "
+    "(TOKEN_INVALID, TOKEN_EXPIRED, TOKEN_WRONG_CALLER, CONVERSATION_CLOSED)",
     ["reason"],
 )
 INITIAL_MESSAGES = Counter(

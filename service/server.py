@@ -29,7 +29,7 @@ from .idempotency import IdempotencyStore, LocalRecords, RecordBackend
 from .interceptors import Limits, RpcObserver
 from .metrics_server import MetricsServer, start_metrics_server
 from .ratelimit import Limiter, LocalSchedule, RateLimiter, Unlimited
-from .tokens import GuestTokens
+from .tokens import FixedKeys, GuestTokens, SigningKey
 from .upstream import TwilioHttp, new_http_client
 from .webchat import WebChatServicer
 
@@ -287,11 +287,11 @@ def _guest_tokens(settings: Settings) -> GuestTokens | None:
     if not settings.tokens_enabled or settings.api_secret is None:
         return None
     return GuestTokens(
-        api_key=settings.api_key,
-        api_secret=settings.api_secret,
+        keys=FixedKeys(SigningKey(settings.api_key, settings.api_secret)),
         account_sid=settings.account_sid,
         service_sid=settings.conversations_service_sid,
         ttl_seconds=settings.guest_token_ttl,
+        session_max_seconds=settings.guest_session_max,
         region=settings.region,
     )
 

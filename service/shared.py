@@ -362,7 +362,14 @@ class RedisRecords:
             "payload": base64.b64encode(record.payload).decode(),
         }
         fields["mac"] = self._mac(key, fields)
+        # Signed apart, so that replicas reading only the fields above still verify the record.
+        fields["completed_at"] = record.completed_at
+        fields["completed_mac"] = self._completed_mac(key, fields["mac"], record.completed_at)
         return json.dumps(fields)
+
+    def _completed_mac(self, key: str, mac: str, completed_at: float) -> str:
+        signed = json.dumps([key, mac, completed_at]).encode()
+        return hmac.new(self._mac_key, b"completed_at\x00" + signed, hashlib.sha256).hexdigest()
 
     def _decode(self, key: str, raw: bytes) -> Record:
         """The record, or ValueError saying why it cannot be trusted."""
@@ -389,7 +396,22 @@ class RedisRecords:
             decoded = base64.b64decode(payload, validate=True)
         except binascii.Error:
             raise ValueError("holds an undecodable payload") from None
-        return Record(fingerprint=fingerprint, owner=owner, done=done, ok=ok, payload=decoded)
+        # Absent from records written without it: unknown (0), which ends no session later.
+        completed_at = data.get("completed_at", 0.0) if isinstance(data, dict) else 0.0
+        if completed_at != 0.0:
+            if not isinstance(completed_at, float) or not hmac.compare_digest(
+                str(data.get("completed_mac")),
+                self._completed_mac(key, str(fields["mac"]), completed_at),
+            ):
+                raise ValueError("fails its HMAC (forged, or written with another secret)")
+        return Record(
+            fingerprint=fingerprint,
+            owner=owner,
+            done=done,
+            ok=ok,
+            payload=decoded,
+            completed_at=completed_at,
+        )
 
 
 _SIGNED = ("fingerprint", "owner", "done", "ok", "payload")

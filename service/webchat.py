@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from typing import TypeAlias
 
@@ -19,12 +20,15 @@ from .config import Settings
 from .conversations import ConversationsClient
 from .deadline import Deadline
 from .errors import (
+    ConversationClosed,
     DeadlineExceeded,
     FacadeError,
     MaybeProcessed,
     ReplayedError,
+    SessionEnded,
     TokenRejected,
     TokensNotConfigured,
+    TokenWrongCaller,
     to_status,
 )
 from .execution import Executions
@@ -34,7 +38,7 @@ from .idempotency import IdempotencyStore, Outcome, is_stored_failure
 from .identities import check_identity
 from .params import WebChatParams
 from .ratelimit import CallerQuota
-from .tokens import GuestToken, GuestTokens
+from .tokens import GuestToken, GuestTokens, Session
 from .upstream import is_ambiguous
 from .validation import validate, validate_refresh
 
@@ -82,12 +86,19 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
         give_back = self._quota.take(rpc.caller)  # until the work ends, even after the caller
         if request.request_id:
             rpc.request_id = request.request_id
-            response = await self._create_once(request, params, deadline, give_back)
+            response, created_at = await self._create_once(request, params, deadline, give_back)
         else:
             response = await self._create_unkeyed(params, deadline, give_back)
+            created_at = time.time()
         if request.issue_token:
-            # Never stored: a replay gets a fresh token for the stored identity.
-            _set_token(response, self._mint(response.identity, via="create"))
+            # Never stored: a replay gets a fresh token for the stored identity, in the session
+            # that began when the conversation was created (a replay cannot extend it).
+            session = Session(response.identity, response.conversation_sid, int(created_at))
+            try:
+                token = self._mint(session, via="create")
+            except TokenRejected:
+                raise SessionEnded() from None
+            _set_token(response, token)
         return response
 
     async def RefreshGuestToken(
@@ -96,14 +107,34 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
         presented = validate_refresh(request)
         tokens = self._require_tokens()
         try:
-            identity = tokens.verify(presented)
+            verified = tokens.verify(presented, obs.current_rpc().caller)
+            if verified.expired:
+                await self._check_resumable(verified.session, self._deadline(context))
         except TokenRejected as exc:
             obs.child(obs.TOKEN_REFRESH_REFUSED, exc.reason).inc()
             raise
-        token = self._mint(identity, via="refresh")
-        response = webchat_pb2.RefreshGuestTokenResponse(access_token=token.jwt, identity=identity)
+        except TokenWrongCaller:
+            obs.child(obs.TOKEN_REFRESH_REFUSED, "TOKEN_WRONG_CALLER").inc()
+            raise
+        except ConversationClosed:
+            obs.child(obs.TOKEN_REFRESH_REFUSED, "CONVERSATION_CLOSED").inc()
+            raise
+        token = self._mint(verified.session, via="resume" if verified.expired else "refresh")
+        response = webchat_pb2.RefreshGuestTokenResponse(
+            access_token=token.jwt, identity=token.identity
+        )
         response.access_token_expires_at.CopyFrom(_timestamp(token.expires_at))
+        response.session_expires_at.CopyFrom(_timestamp(token.session_expires_at))
         return response
+
+    async def _check_resumable(self, session: Session, deadline: Deadline) -> None:
+        """A guest coming back after its token expired: worth a token only while the agent has
+        not closed the conversation. The only refresh that asks Twilio anything."""
+        state = await self._conversations.conversation_state(
+            session.identity, session.conversation_sid, deadline
+        )
+        if state == "closed":
+            raise ConversationClosed()
 
     async def _create_once(
         self,
@@ -111,8 +142,9 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
         params: WebChatParams,
         deadline: Deadline,
         give_back: Callable[[], None],
-    ) -> webchat_pb2.CreateWebChatResponse:
-        """At most one execution per request_id; later calls get the stored outcome.
+    ) -> tuple[webchat_pb2.CreateWebChatResponse, float]:
+        """At most one execution per request_id; later calls get the stored outcome, and when it
+        was produced (the conversation's creation: 0 when the record does not say).
 
         The id is claimed (or its stored outcome found) in the RPC itself: that sends nothing, so
         a replay runs no task of its own. Only the execution, which may send, gets one."""
@@ -159,7 +191,7 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
             raise ReplayedError(status_pb2.Status.FromString(record.payload))
         response = webchat_pb2.CreateWebChatResponse.FromString(record.payload)
         obs.current_rpc().conversation_sid = response.conversation_sid
-        return response
+        return response, record.completed_at
 
     async def _create_unkeyed(
         self, params: WebChatParams, deadline: Deadline, give_back: Callable[[], None]
@@ -263,12 +295,12 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
             raise TokensNotConfigured(self._settings.missing_for_tokens())
         return self._tokens
 
-    def _mint(self, identity: str, *, via: str) -> GuestToken:
-        token = self._require_tokens().mint(identity)
+    def _mint(self, session: Session, *, via: str) -> GuestToken:
+        token = self._require_tokens().mint(session, obs.current_rpc().caller)
         obs.child(obs.GUEST_TOKENS, via).inc()
         return token
 
-    def _deadline(self, context: CreateContext) -> Deadline:
+    def _deadline(self, context: CreateContext | RefreshContext) -> Deadline:
         return Deadline.for_call(
             context.time_remaining(),
             default=self._settings.default_deadline,
@@ -310,3 +342,4 @@ def _timestamp(unix_seconds: int) -> timestamp_pb2.Timestamp:
 def _set_token(response: webchat_pb2.CreateWebChatResponse, token: GuestToken) -> None:
     response.access_token = token.jwt
     response.access_token_expires_at.CopyFrom(_timestamp(token.expires_at))
+    response.session_expires_at.CopyFrom(_timestamp(token.session_expires_at))
