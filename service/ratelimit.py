@@ -22,7 +22,7 @@ import asyncio
 import bisect
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from .deadline import Deadline
@@ -30,8 +30,14 @@ from .errors import CallerQuotaExceeded, DeadlineExceeded, Draining, RateLimitEx
 
 
 class Schedule(Protocol):
-    async def take(self) -> float:
-        """Takes a slot if one is due now and returns 0; else the seconds until one is."""
+    # Callers with calls waiting on every replica that shares the schedule, as last seen; 0 when
+    # the schedule is this replica's alone.
+    contenders: int
+
+    async def take(self, callers: Sequence[str]) -> tuple[float, str]:
+        """Takes a slot if one is due now for one of ``callers`` (those with calls waiting here,
+        the head's first) and returns (0, the caller it is for); else (the seconds until one may
+        be, "")."""
         ...
 
     async def penalize(self, seconds: float) -> None:
@@ -66,6 +72,10 @@ class Gcra:
 
 
 class LocalSchedule:
+    """This replica's schedule: the queue's order alone says whose turn it is."""
+
+    contenders = 0
+
     def __init__(
         self, rate_per_second: float, burst: int, clock: Callable[[], float] = time.monotonic
     ) -> None:
@@ -73,9 +83,9 @@ class LocalSchedule:
         self._tat = 0.0
         self._clock = clock
 
-    async def take(self) -> float:
+    async def take(self, callers: Sequence[str] = ("",)) -> tuple[float, str]:
         wait, self._tat = self.gcra.take(self._tat, self._clock())
-        return wait
+        return wait, "" if wait > 0 else callers[0]
 
     async def penalize(self, seconds: float) -> None:
         self._tat = self.gcra.penalized(self._tat, self._clock(), seconds)
@@ -91,13 +101,22 @@ def require_time_for(need: float, deadline: Deadline) -> None:
 
 
 class _Waiter:
-    __slots__ = ("caller", "order", "signal")
+    __slots__ = ("caller", "deadline", "granted", "need", "order", "signal")
 
-    def __init__(self, caller: str, order: tuple[int, int]) -> None:
+    def __init__(
+        self, caller: str, order: tuple[int, int], deadline: Deadline, need: float
+    ) -> None:
         self.caller = caller
         self.order = order  # (round, arrival): the queue is sorted by it
-        # True when this waiter may be at the head or the limiter closes; False when its time is up.
+        self.deadline = deadline
+        self.need = need
+        self.granted = False  # the head took a slot for this waiter's caller and gave it here
+        # True when this waiter may be at the head, is granted a slot, or the limiter closes;
+        # False when its time is up.
         self.signal: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def can_start(self) -> bool:
+        return self.deadline.remaining() >= self.need
 
 
 def _order(waiter: _Waiter) -> tuple[int, int]:
@@ -116,7 +135,11 @@ class RateLimiter:
     the round being served. Calls are served by round, and within a round in arrival order, so
     each caller's calls keep their order and a caller with one call waits behind one call of each
     other active caller, however many those have queued. A call is admitted by its own place in
-    that order."""
+    that order.
+
+    The head asks the schedule for a slot on behalf of every caller waiting here; a shared
+    schedule answers which caller's turn it is across the replicas, and the slot goes to that
+    caller's first call here."""
 
     def __init__(self, schedule: Schedule, interval: float) -> None:
         self._schedule = schedule
@@ -144,38 +167,58 @@ class RateLimiter:
         order = (max(self._round, self._last_round.get(caller, 0)) + 1, self._arrivals)
         ahead = bisect.bisect_left(self._queue, order, key=_order)
         if ahead:
-            predicted = max(self._head_due - started, 0.0) + ahead * self._interval
+            predicted = max(self._head_due - started, 0.0) + ahead * self._spacing(caller)
             if predicted + need > deadline.remaining():
                 raise RateLimitExceeded(retry_after=predicted)
-        waiter = self._enter(caller, order, ahead)
+        waiter = self._enter(_Waiter(caller, order, deadline, need), ahead)
         try:
-            while True:
+            while not waiter.granted:
                 if self._closed:
                     raise Draining()
-                if self._queue[0] is not waiter:  # another's turn: wait to be the head
+                if self._queue[0] is not waiter:  # another's turn: wait to be the head or granted
                     waiter.signal = asyncio.get_running_loop().create_future()
-                    if not await self._park(waiter, deadline.remaining() - need):
+                    came = await self._park(waiter, deadline.remaining() - need)
+                    if not came and not waiter.granted:
                         raise RateLimitExceeded(retry_after=self._place(waiter) * self._interval)
                     continue
                 if deadline.remaining() < need:
                     raise RateLimitExceeded(retry_after=len(self._queue) * self._interval)
-                wait = await self._schedule.take()
+                wait, turn = await self._schedule.take(self._callers(waiter))
                 if wait <= 0:
-                    self._round = max(self._round, order[0])
-                    return time.monotonic() - started
+                    self._grant(turn, waiter)
+                    continue  # this waiter's slot, or ask again (a burst may hold another)
                 self._head_due = time.monotonic() + wait
                 if wait + need > deadline.remaining():
                     raise RateLimitExceeded(retry_after=wait + len(self._queue) * self._interval)
                 waiter.signal = asyncio.get_running_loop().create_future()
                 await self._park(waiter, wait)  # woken early if the head changes or we close
+            return time.monotonic() - started
         finally:
             self._leave(waiter)
 
-    def _enter(self, caller: str, order: tuple[int, int], place: int) -> _Waiter:
-        waiter = _Waiter(caller, order)
+    def _spacing(self, caller: str) -> float:
+        """The expected time between slots for this replica's queue: one interval, or more while
+        callers waiting on other replicas take their turns too."""
+        here = len(self._queued) + (caller not in self._queued)
+        return self._interval * max(1.0, self._schedule.contenders / here)
+
+    def _callers(self, head: _Waiter) -> list[str]:
+        """Every caller waiting here, the head's first."""
+        return [head.caller, *(caller for caller in self._queued if caller != head.caller)]
+
+    def _grant(self, caller: str, head: _Waiter) -> None:
+        """Gives the slot just taken to ``caller``'s first call here that can still use it (to
+        the head's when none can)."""
+        chosen = next((w for w in self._queue if w.caller == caller and w.can_start()), head)
+        chosen.granted = True
+        self._round = max(self._round, chosen.order[0])
+        if not chosen.signal.done():
+            chosen.signal.set_result(True)
+
+    def _enter(self, waiter: _Waiter, place: int) -> _Waiter:
         self._queue.insert(place, waiter)
-        self._last_round[caller] = order[0]
-        self._queued[caller] += 1
+        self._last_round[waiter.caller] = waiter.order[0]
+        self._queued[waiter.caller] += 1
         return waiter
 
     def _place(self, waiter: _Waiter) -> int:

@@ -27,6 +27,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -63,23 +64,56 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 """
-# KEYS: schedule. ARGV: interval, tolerance, furthest a legitimate schedule can be ahead. Takes a
-# slot if one is due (returns 0), else returns the microseconds until one is, taking nothing; -1
-# when the stored schedule was garbage, of another type or out of range (then it is deleted).
+# KEYS: schedule, waiting callers (sorted set: caller -> end of its lease), last slot of each
+# caller (hash). ARGV: interval, tolerance, furthest a legitimate schedule can be ahead, lease,
+# grace, then the callers waiting at the asking replica (its head's first). Registers those callers
+# as waiting for a lease. When a slot is due it goes to the waiting caller served longest ago, on
+# whichever replica: if the asker holds that caller, it takes the slot for it; else it is told to
+# ask again once the grace has passed, and takes the slot for its head's caller only if the slot
+# is still free then (the replica in turn is gone or late: the slot is not lost).
+# Returns {0, callers waiting, the caller the slot is for} or {microseconds until the asker may
+# ask again, callers waiting, ''}, taking nothing; {-1, 0, ''} when the stored state was garbage,
+# of another type or out of range (then it is deleted).
 TAKE = (
     SCHEDULE
     + """
-local tat = stored_tat()
-if tat == nil or tat > now + tonumber(ARGV[3]) then
-  redis.call('DEL', KEYS[1])
-  return -1
+local function failed(reply) return type(reply) == 'table' and reply.err ~= nil end
+local function reset()
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+  return {-1, 0, ''}
 end
+local tat = stored_tat()
+if tat == nil or tat > now + tonumber(ARGV[3]) then return reset() end
+local lease, grace = tonumber(ARGV[4]), tonumber(ARGV[5])
+-- Leases that ended, or that no replica could have given (beyond one lease from now), go.
+if failed(redis.pcall('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)) then return reset() end
+local lease_end = string.format('%d', now + lease)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '(' .. lease_end, '+inf')
+for i = 6, #ARGV do redis.call('ZADD', KEYS[2], lease_end, ARGV[i]) end
+redis.call('PEXPIRE', KEYS[2], math.ceil(lease / 1000) + 1000)
+local waiting = redis.call('ZRANGE', KEYS[2], 0, -1)
 local due = tat - tonumber(ARGV[2])
-if due > now then return due - now end
+if due > now then return {due - now, #waiting, ''} end
+local turn, turn_served = nil, nil
+for _, caller in ipairs(waiting) do
+  local served = redis.pcall('HGET', KEYS[3], caller)
+  if failed(served) then return reset() end
+  served = math.min(tonumber(served) or 0, now)
+  if turn == nil or served < turn_served then turn, turn_served = caller, served end
+end
+local mine = false
+for i = 6, #ARGV do mine = mine or ARGV[i] == turn end
+if not mine then
+  if now - due < grace then return {grace - (now - due), #waiting, ''} end
+  turn = ARGV[6]
+end
 local new_tat = math.max(tat, now) + tonumber(ARGV[1])
 local idle_ms = math.ceil((new_tat - now) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', idle_ms)
-return 0
+redis.call('HSET', KEYS[3], turn, string.format('%d', now))
+redis.call('PEXPIRE', KEYS[3], idle_ms + 60000)
+redis.call('ZREM', KEYS[2], turn)
+return {0, #waiting, turn}
 """
 )
 # KEYS: schedule. ARGV: tolerance, penalty. No slot comes due before now + penalty. A garbage or
@@ -197,31 +231,47 @@ def _unavailable(exc: RedisError) -> SharedStateUnavailable:
 
 
 class RedisSchedule:
-    """One GCRA schedule for every replica."""
+    """One GCRA schedule for every replica, whose slots go to the callers waiting on any of them
+    in turn."""
 
     def __init__(self, client: aioredis.Redis, key: str, rate: float, burst: int) -> None:
         self._client = client
-        self._keys = [key]
+        self._keys = [key, f"{key}:waiting", f"{key}:served"]
         self.gcra = Gcra(rate, burst)
+        self.contenders = 0
         self._take = client.register_script(TAKE)
         self._penalize = client.register_script(PENALIZE)
         # A legitimate schedule is never further ahead than a slot or the longest 429 pause.
         self._max_ahead = MAX_PAUSE_SECONDS + self.gcra.tolerance + self.gcra.interval + 1.0
+        # How long a due slot is kept for the caller in turn: every replica with calls waiting
+        # asks when it comes due, within milliseconds unless it is loaded or gone.
+        self._grace = min(self.gcra.interval / 2, 0.25)
+        # A replica with calls waiting asks at least once per slot; a caller not asked for
+        # within two is no longer waiting there.
+        self._lease = 2 * (self.gcra.interval + self._grace)
 
-    async def take(self) -> float:
-        args = [_us(self.gcra.interval), _us(self.gcra.tolerance), _us(self._max_ahead)]
+    async def take(self, callers: Sequence[str]) -> tuple[float, str]:
+        args: list[Any] = [
+            _us(self.gcra.interval),
+            _us(self.gcra.tolerance),
+            _us(self._max_ahead),
+            _us(self._lease),
+            _us(self._grace),
+            *callers,
+        ]
         try:
-            wait_us = int(await self._take(keys=self._keys, args=args))
+            wait_us, contenders, turn = await self._take(keys=self._keys, args=args)
         except RedisError as exc:
             raise _unavailable(exc) from None
-        if wait_us < 0:
+        if int(wait_us) < 0:
             raise _untrusted("the rate schedule was garbage or out of range; it was reset")
-        return wait_us / 1e6
+        self.contenders = int(contenders)
+        return int(wait_us) / 1e6, turn.decode() if isinstance(turn, bytes) else str(turn)
 
     async def penalize(self, seconds: float) -> None:
         args = [_us(self.gcra.tolerance), _us(seconds)]
         try:
-            await self._penalize(keys=self._keys, args=args)
+            await self._penalize(keys=self._keys[:1], args=args)
         except RedisError as exc:
             raise _unavailable(exc) from None
 

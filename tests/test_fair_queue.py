@@ -4,6 +4,7 @@ past its deadline, on one replica or on replicas sharing one Redis budget."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from pathlib import Path
@@ -11,8 +12,11 @@ from typing import Any
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 from conftest import ADDRESS_SID, EmulatorProcess, FacadeProcess, RedisProcess
 from flexwebchat.v1 import webchat_pb2
+
+from service.shared import RedisSchedule
 
 FLOODER = [("authorization", "Bearer tok-billing-0123456789abcdef")]
 OTHER = [("authorization", "Bearer tok-support-0123456789abcdef")]
@@ -84,3 +88,44 @@ def test_callers_take_turns_across_replicas_sharing_redis(
             assert reply.conversation_sid.startswith("CH")
     finally:
         end(queued)
+
+
+def test_turns_are_the_callers_across_replicas_not_the_replicas(
+    redis_server: RedisProcess, make_facade: Any, upstream: EmulatorProcess, tokens: Path
+) -> None:
+    """The flooder on both replicas, the other caller on one: the other caller gets every other
+    slot of the shared budget, not every other slot of its replica's half."""
+    env = {"AUTH_TOKENS_FILE": str(tokens), "REDIS_URL": redis_server.url}
+    replicas = [make_facade(upstream.url, **env), make_facade(upstream.url, **env)]
+    queued = flood(replicas[0], 30) + flood(replicas[1], 30)
+    try:
+        wait_until_draining(upstream)
+        # Six calls at once: about twelve slots away in turn (2.5 s); a quarter of the slots
+        # would take them 5 s, past their deadline.
+        calls = [
+            replicas[1].stub.CreateWebChat.future(request(), metadata=OTHER, timeout=4)
+            for _ in range(6)
+        ]
+        assert all(call.result().conversation_sid.startswith("CH") for call in calls)
+    finally:
+        end(queued)
+
+
+async def test_a_slot_kept_for_a_caller_in_turn_goes_on_when_its_replica_does_not_ask(
+    redis_server: RedisProcess,
+) -> None:
+    client = aioredis.Redis.from_url(redis_server.url)
+    schedule = RedisSchedule(client, "flexwebchat:{test}:ratelimit", 5, 1)
+    try:
+        assert await schedule.take(["b"]) == (0, "b")
+        # Another replica's caller, never served, waits for the next slot, then its replica
+        # stops asking (stopped, or too loaded to ask in time).
+        wait, turn = await schedule.take(["ghost"])
+        assert wait > 0 and turn == ""
+        await asyncio.sleep(wait)
+        wait, turn = await schedule.take(["b"])
+        assert turn == "" and schedule.contenders == 2, "the due slot is kept for ghost a while"
+        await asyncio.sleep(wait)
+        assert await schedule.take(["b"]) == (0, "b"), "then it goes to the caller that asked"
+    finally:
+        await client.aclose()

@@ -25,7 +25,7 @@ async def takes(schedule: LocalSchedule, clock: FakeClock, count: int) -> list[f
     """When each of ``count`` back-to-back requests gets its slot (seconds from now)."""
     start, times = clock.now, []
     for _ in range(count):
-        while (wait := await schedule.take()) > 0:
+        while (wait := (await schedule.take())[0]) > 0:
             clock.now += wait
         times.append(round(clock.now - start, 6))
     return times
@@ -47,11 +47,11 @@ async def test_burst_goes_at_once_then_the_rate_applies() -> None:
 async def test_a_slot_not_yet_due_is_not_taken() -> None:
     clock = FakeClock()
     schedule = LocalSchedule(5, 1, clock)
-    assert await schedule.take() == 0
-    assert await schedule.take() == pytest.approx(0.21)
-    assert await schedule.take() == pytest.approx(0.21)  # asking again takes nothing
+    assert await schedule.take(["a"]) == (0, "a")
+    assert await schedule.take(["a"]) == (pytest.approx(0.21), "")
+    assert await schedule.take(["a"]) == (pytest.approx(0.21), "")  # asking again takes nothing
     clock.now += 0.21
-    assert await schedule.take() == 0
+    assert await schedule.take(["b", "a"]) == (0, "b")  # the first caller asking: the head's
 
 
 async def test_a_429_slows_everybody_down() -> None:
@@ -59,7 +59,7 @@ async def test_a_429_slows_everybody_down() -> None:
     schedule = LocalSchedule(5, 1, clock)
     await schedule.take()
     await schedule.penalize(3.0)
-    assert await schedule.take() == pytest.approx(3.0)
+    assert (await schedule.take())[0] == pytest.approx(3.0)
 
 
 async def test_idle_time_does_not_bank_more_than_the_burst() -> None:
