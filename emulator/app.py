@@ -14,9 +14,10 @@ errors in Twilio's shape. Faults and latency apply to every endpoint. Tests stee
   user-conversations read reports it as ``conversation_state``
 * ``POST /__emulator/faults``    ``{"faults": [...], "latency": s}``: each fault answers one coming
   request, in order: ``{"status": 503, "code": 20503, "message": "...", "retry_after": "1",
-  "latency": 0.5, "body": "raw text", "drop": true, "after": true}`` (drop closes the connection
-  unanswered; after: the request is processed first, e.g. the conversation is created, and then
-  answered with the fault: Twilio's "ambiguous" failures)
+  "latency": 0.5, "body": "raw text", "drop": true, "after": true, "path": "/v2/WebChats"}``
+  (drop closes the connection unanswered; after: the request is processed first, e.g. the
+  conversation is created, and then answered with the fault: Twilio's "ambiguous" failures; path:
+  the fault waits for a request whose path starts with it)
 * ``POST /__emulator/reset``     forget requests, faults and conversations, refill the rate limit
 """
 
@@ -143,7 +144,7 @@ class Emulator:
     ) -> web.Response | None:
         if self.latency:
             await asyncio.sleep(self.latency)
-        fault = self.faults.pop(0) if self.faults else {}
+        fault = self._next_fault(request.path)
         await asyncio.sleep(float(fault.get("latency", 0)))
         if not fault.get("after"):
             if fault.get("drop"):
@@ -156,6 +157,12 @@ class Emulator:
         if fault.get("after") and fault.get("status"):
             return _fault_response(fault)
         return response
+
+    def _next_fault(self, path: str) -> dict[str, Any]:
+        for index, fault in enumerate(self.faults):
+            if path.startswith(fault.get("path", "")):
+                return self.faults.pop(index)
+        return {}
 
     def _process(
         self, request: web.Request, form: dict[str, str], answer: Any, rate_limited: bool

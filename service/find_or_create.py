@@ -17,7 +17,10 @@ the guest's conversations in the Flex conversations service
 
 Just before each create request may leave, the id is marked in the records (``mark_sent``, with
 the time), so that an execution that leaves no stored outcome makes the next one, on any replica,
-start by looking.
+start by looking and waiting for the earlier request to settle. An id with neither a record nor a
+mark is looked up too before its first create: records can be lost (Redis flushed, restarted
+without persistence, evicted, failed over to a replica that missed the last writes), and a chat
+found then is replayed without its first message, which the lost execution may have posted.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import time
 import uuid
 from dataclasses import replace
 
 from . import execution
+from . import observability as obs
 from .config import Settings
 from .conversations import ConversationsClient
 from .deadline import Deadline
@@ -39,6 +44,8 @@ from .idempotency import RecordBackend
 from .identities import FACADE_IDENTITY_PREFIX
 from .params import WebChatParams
 from .upstream import is_ambiguous
+
+log = logging.getLogger("flexwebchat.find_or_create")
 
 SETTLE_TIMEOUTS = 2  # attempt timeouts after a send by which Twilio has settled it
 
@@ -77,6 +84,10 @@ class FindOrCreate:
             found = await self._find(params.identity, deadline, earlier)
             if found is not None:
                 return found, False
+        else:
+            found = await self._recover(params.identity, deadline)
+            if found is not None:
+                return found, False
         work = execution.current()
 
         async def note_sending() -> None:
@@ -101,6 +112,21 @@ class FindOrCreate:
                 return found, True
         assert last_error is not None
         raise last_error
+
+    async def _recover(self, identity: str, deadline: Deadline) -> WebChat | None:
+        """The chat of an id that has neither record nor sent mark. Their absence proves nothing
+        (a flushed, evicted or restarted Redis, or a failover, leaves no trace), so Twilio is
+        asked before a first create; a chat found means the id's record was lost."""
+        sid = await self._conversations.find_conversation(identity, deadline)
+        if sid is None:
+            return None
+        obs.child(obs.IDEMPOTENCY, "recovered_by_lookup").inc()
+        log.warning(
+            "a request_id without a record already has a conversation: its record was lost "
+            "(Redis flushed, restarted without persistence, evicted or failed over); replayed it",
+            extra={"fields": {"conversation_sid": sid}},
+        )
+        return WebChat(conversation_sid=sid, identity=identity)
 
     async def _find(self, identity: str, deadline: Deadline, sent_at: float) -> WebChat | None:
         """The guest's chat, or None once no request sent at ``sent_at`` can still create it."""

@@ -73,7 +73,9 @@ RATE_LIMIT_REFUSED = Counter(
 )
 IDEMPOTENCY = Counter(
     "flexwebchat_idempotency",
-    "request_id outcomes: executed, replayed, conflict, evicted (in-process records full)",
+    "request_id outcomes: executed, replayed, conflict, evicted (in-process records full), "
+    "lost (an outcome could not be stored), recovered_by_lookup (an id without a record whose "
+    "conversation Twilio already had: a lost record)",
     ["outcome"],
 )
 GUEST_TOKENS = Counter(

@@ -155,7 +155,7 @@ def test_first_message_retries_only_what_twilio_never_processed(
     sent: int,
     posted: bool,
 ) -> None:
-    upstream.fault({}, *faults)  # {}: the create is answered normally, the faults hit the message
+    upstream.fault(*({**fault, "path": "/v1/Conversations/"} for fault in faults))
     reply = guest_facade.create(initial_message=MESSAGE, request_id=str(uuid.uuid4()))
     assert len(messages(upstream)) == sent
     assert bool(reply.initial_message_sid) == posted

@@ -23,6 +23,7 @@ from emulator.harness import guest_env
 
 # Short timeouts keep the tests quick: a lost answer settles after 2 attempt timeouts (1 s).
 FAST = {"FLEX_ATTEMPT_TIMEOUT_SECONDS": "0.5", "IDEMPOTENCY_LOCK_SECONDS": "1"}
+CREATE = "/v2/WebChats"  # a fault for the create only, not the lookups around it
 
 
 def per_identity(upstream: EmulatorProcess) -> Counter[str]:
@@ -59,24 +60,25 @@ def test_a_caller_that_gave_up_and_retried_gets_the_one_conversation(
 def test_a_create_whose_answer_was_lost_is_found_not_repeated(
     keyed: FacadeProcess, upstream: EmulatorProcess, fault: dict[str, Any]
 ) -> None:
-    upstream.fault(fault)  # Twilio created it, then the answer was lost
+    upstream.fault({**fault, "path": CREATE})  # Twilio created it, then the answer was lost
     reply = keyed.create(request_id=str(uuid.uuid4()), initial_message="hello")
     assert upstream.conversations() == {reply.conversation_sid: reply.identity}
     assert reply.initial_message_sid.startswith("IM")  # never posted before: posted once now
     paths = [r["path"] for r in upstream.requests()]
-    assert paths.count("/v2/WebChats") == 1 and sum("/Users/" in p for p in paths) == 1
+    # Looked (an id without a record), created, lost the answer, looked again: found.
+    assert paths.count("/v2/WebChats") == 1 and sum("/Users/" in p for p in paths) == 2
 
 
 @pytest.mark.parametrize("fault", [{"status": 502}, {"drop": True}])
 def test_a_create_that_did_not_happen_is_resent_once_it_has_settled(
     keyed: FacadeProcess, upstream: EmulatorProcess, fault: dict[str, Any]
 ) -> None:
-    upstream.fault(fault)  # refused before creating anything
+    upstream.fault({**fault, "path": CREATE})  # refused before creating anything
     reply = keyed.create(request_id=str(uuid.uuid4()), timeout=5)
     assert upstream.conversations() == {reply.conversation_sid: reply.identity}
     paths = [r["path"] for r in upstream.requests()]
-    # Looked, waited for the first request to settle, looked again, then re-sent.
-    assert paths.count("/v2/WebChats") == 2 and sum("/Users/" in p for p in paths) == 2
+    # Looked before the first create; then looked, waited for it to settle, looked again, re-sent.
+    assert paths.count("/v2/WebChats") == 2 and sum("/Users/" in p for p in paths) == 3
 
 
 def test_read_timeouts_then_the_callers_retry_make_one_conversation(
@@ -96,7 +98,7 @@ def test_read_timeouts_then_the_callers_retry_make_one_conversation(
 def test_an_unusable_2xx_is_recorded_and_never_reposted(
     keyed: FacadeProcess, upstream: EmulatorProcess
 ) -> None:
-    upstream.fault({"status": 201, "body": "not json", "after": True})
+    upstream.fault({"status": 201, "body": "not json", "after": True, "path": CREATE})
     request_id = str(uuid.uuid4())
     codes = []
     for _ in range(2):
@@ -136,11 +138,11 @@ def test_two_replicas_a_retry_on_the_other_one_gets_the_same_conversation(
     env = {**guest_env(upstream.url), **FAST, "REDIS_URL": redis_server.url}
     replicas = [make_facade(upstream.url, **env), make_facade(upstream.url, **env)]
     gave_up_id, lost_id = str(uuid.uuid4()), str(uuid.uuid4())
-    upstream.fault({"latency": 0.4})
+    upstream.fault({"latency": 0.4, "path": CREATE})
     with pytest.raises(grpc.RpcError):
         replicas[0].create(request_id=gave_up_id, timeout=0.2)
     on_b = replicas[1].create(request_id=gave_up_id, timeout=5)  # waits for A's request
-    upstream.fault({"status": 502, "after": True})
+    upstream.fault({"status": 502, "after": True, "path": CREATE})
     lost = replicas[0].create(request_id=lost_id, timeout=5)  # 502 after creating: found
     again = replicas[1].create(request_id=lost_id, timeout=5)
     assert again.conversation_sid == lost.conversation_sid

@@ -1,0 +1,121 @@
+"""One request_id, one conversation, even when the records go wrong: Redis flushed, restarted
+empty, evicting under maxmemory. Two replicas share one real redis-server, with the lookup on
+(conversations service set, identity left to the facade); each test counts what Twilio (the
+emulator) holds: conversations, and first messages posted into them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+import redis
+from conftest import EmulatorProcess, FacadeProcess, RedisProcess, start_redis, stop_process
+from flexwebchat.v1 import webchat_pb2
+
+from emulator.app import ACCOUNT_SID
+from emulator.harness import guest_env
+
+FAST = {"FLEX_ATTEMPT_TIMEOUT_SECONDS": "0.5", "IDEMPOTENCY_LOCK_SECONDS": "1"}
+RECOVERED = 'flexwebchat_idempotency_total{outcome="recovered_by_lookup"}'
+
+
+@pytest.fixture
+def replicas(
+    make_facade: Any, upstream: EmulatorProcess, redis_server: RedisProcess
+) -> list[FacadeProcess]:
+    env = {**guest_env(upstream.url), **FAST, "REDIS_URL": redis_server.url}
+    return [make_facade(upstream.url, **env), make_facade(upstream.url, **env)]
+
+
+def record_key(request_id: str) -> str:
+    return f"flexwebchat:{ACCOUNT_SID.lower()}:idempotency:{request_id}"
+
+
+def first_messages(upstream: EmulatorProcess, conversation_sid: str) -> int:
+    path = f"/v1/Conversations/{conversation_sid}/Messages"
+    return sum(r["path"] == path and r["status"] == 201 for r in upstream.requests())
+
+
+def retry_until_answered(
+    replica: FacadeProcess, request_id: str
+) -> webchat_pb2.CreateWebChatResponse:
+    """The retry a caller makes: again on UNAVAILABLE (a replica's connection to a restarted
+    Redis fails once before it reconnects)."""
+    for _ in range(20):
+        try:
+            return replica.create(request_id=request_id, initial_message="hello", timeout=5)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("never answered")
+
+
+def flush(server: RedisProcess, request_id: str) -> None:
+    redis.Redis(port=server.port).flushall()
+
+
+def restart_empty(server: RedisProcess, request_id: str) -> None:
+    """Redis restarted without persistence, on the same address (the fixture stops the new one)."""
+    stop_process(server.proc)
+    server.proc = start_redis(server.port).proc
+
+
+def evict(server: RedisProcess, request_id: str) -> None:
+    """Memory pressure under a managed Redis's usual policy, until the record is evicted."""
+    client = redis.Redis(port=server.port)
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory-policy", "volatile-lru")
+    client.config_set("maxmemory", used + 512 * 1024)
+    filler = b"x" * 16 * 1024
+    for batch in range(200):
+        for i in range(32):
+            client.set(f"filler:{batch}:{i}", filler, ex=60)
+        if not client.exists(record_key(request_id)):
+            break
+    assert not client.exists(record_key(request_id)), "the record was never evicted"
+    client.config_set("maxmemory", 0)
+
+
+@pytest.mark.parametrize("lose", [flush, restart_empty, evict], ids=lambda f: f.__name__)
+def test_a_lost_record_is_recovered_by_looking_not_by_creating_again(
+    replicas: list[FacadeProcess],
+    upstream: EmulatorProcess,
+    redis_server: RedisProcess,
+    lose: Callable[[RedisProcess, str], None],
+) -> None:
+    request_id = str(uuid.uuid4())
+    first = replicas[0].create(request_id=request_id, initial_message="hello", timeout=5)
+    assert first.initial_message_sid.startswith("IM")
+    lose(redis_server, request_id)
+    for replica in reversed(replicas):  # the other replica first, then the one that created
+        again = retry_until_answered(replica, request_id)
+        assert again.conversation_sid == first.conversation_sid
+    assert upstream.conversations() == {first.conversation_sid: first.identity}
+    assert first_messages(upstream, first.conversation_sid) == 1
+    assert replicas[1].metric(RECOVERED) == 1  # the first retry found it; the second replays it
+    assert replicas[0].metric(RECOVERED) == 0
+
+
+def test_an_answer_lost_to_the_callers_deadline_then_flushed_is_found(
+    replicas: list[FacadeProcess], upstream: EmulatorProcess, redis_server: RedisProcess
+) -> None:
+    upstream.fault({"path": "/v2/WebChats", "latency": 0.45})  # lands after the caller left
+    request_id = str(uuid.uuid4())
+    with pytest.raises(grpc.RpcError) as gave_up:
+        replicas[0].create(request_id=request_id, initial_message="hello", timeout=0.35)
+    assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    client = redis.Redis(port=redis_server.port)
+    for _ in range(50):  # the create lands and its outcome is stored, in the background
+        if b'"done": true' in (client.get(record_key(request_id)) or b""):
+            break
+        time.sleep(0.05)
+    client.flushall()
+    again = retry_until_answered(replicas[1], request_id)
+    assert upstream.conversations() == {again.conversation_sid: again.identity}
+    assert first_messages(upstream, again.conversation_sid) == 1
