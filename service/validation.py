@@ -118,16 +118,78 @@ def _invisible_problem(value: str) -> str | None:
 
 
 def _message_problem(value: str) -> str | None:
+    """What people type passes (newlines, tabs, emoji joined by ZWJ, variation selectors, ZWNJ,
+    code points newer than this runtime's Unicode); what can make an agent see something other
+    than what was sent does not."""
     if not value:
         return None
     size = len(value.encode("utf-8"))
     if size > MAX_MESSAGE_BYTES:
         return f"must be at most {MAX_MESSAGE_BYTES} bytes of UTF-8, got {size}"
-    if any(unicodedata.category(ch) == "Cc" and ch not in "\r\n\t" for ch in value):
-        return "must not contain control characters other than newlines and tabs"
-    if value.isspace():
-        return "must not be only whitespace: the agent would see an empty message"
-    return None
+    if value.isascii():  # most messages: no character needs looking up
+        if any((ch < " " and ch not in "\r\n\t") or ch == "\x7f" for ch in value):
+            return "must not contain control characters other than newlines and tabs"
+        if value.isspace():
+            return _NOTHING_VISIBLE
+        return None
+    visible = False
+    for ch in value:
+        code = ord(ch)
+        if unicodedata.category(ch) == "Cc" and ch not in "\r\n\t":
+            return "must not contain control characters other than newlines and tabs"
+        if ch in _BIDI_CONTROLS:
+            return (
+                "must not contain bidi embedding, override or isolate characters "
+                f"(U+202A-U+202E, U+2066-U+2069; found U+{code:04X}): they reorder what the "
+                "agent sees"
+            )
+        if ch in "\u2028\u2029":
+            return (
+                f"must not contain line or paragraph separators (found U+{code:04X}); use a newline"
+            )
+        if 0xFDD0 <= code <= 0xFDEF or code & 0xFFFE == 0xFFFE:
+            return f"must not contain noncharacters (found U+{code:04X})"
+        visible = visible or _is_visible(ch)
+    return None if visible else _NOTHING_VISIBLE
+
+
+_NOTHING_VISIBLE = (
+    "must contain a visible character, not only whitespace, zero-width or format characters: "
+    "the agent would see an empty message"
+)
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Unicode's Default_Ignorable_Code_Point ranges (shown as nothing: zero-width characters,
+# variation selectors, tags, Hangul fillers), and the blank braille pattern, which shows as a
+# space.
+_IGNORABLE = (
+    (0x00AD, 0x00AD),
+    (0x034F, 0x034F),
+    (0x061C, 0x061C),
+    (0x115F, 0x1160),
+    (0x17B4, 0x17B5),
+    (0x180B, 0x180F),
+    (0x200B, 0x200F),
+    (0x202A, 0x202E),
+    (0x2060, 0x206F),
+    (0x2800, 0x2800),
+    (0x3164, 0x3164),
+    (0xFE00, 0xFE0F),
+    (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0),
+    (0xFFF0, 0xFFF8),
+    (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A),
+    (0xE0000, 0xE0FFF),
+)
+
+
+def _is_visible(ch: str) -> bool:
+    """Whether ``ch`` shows as something. Unassigned code points count: they are most likely
+    characters newer than this runtime's Unicode (new emoji), which the agent's browser shows."""
+    if unicodedata.category(ch) in ("Zs", "Zl", "Zp", "Cc", "Cf"):
+        return False
+    code = ord(ch)
+    return not any(low <= code <= high for low, high in _IGNORABLE)
 
 
 def _pre_engagement_problem(value: str) -> str | None:

@@ -6,6 +6,8 @@ import json
 
 import pytest
 from flexwebchat.v1.webchat_pb2 import CreateWebChatRequest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from service.errors import InvalidRequest
 from service.validation import validate
@@ -98,3 +100,76 @@ def test_request_id_must_be_a_uuid(value: str) -> None:
 def test_all_bad_fields_are_reported_together() -> None:
     found = violations(address_sid="x", identity="\x00", ui_version=" ", request_id="r")
     assert set(found) == {"address_sid", "identity", "ui_version", "request_id"}
+
+
+# What people type in a first message, and must get through.
+TYPED_MESSAGES = [
+    "Hello,\n\tI was charged twice.\r\nThanks",
+    "👨\u200d👩\u200d👧\u200d👦 family, 🏳\ufe0f\u200d🌈 flag, ❤\ufe0f, 👍🏽",  # ZWJ, VS16
+    "می\u200cخواهم سفارش بدهم",  # noqa: RUF001 - Persian: ZWNJ inside a word
+    "\U0001fae8 \U0001fae9",  # emoji from Unicode 15 and 16, newer than Python 3.11's tables
+    "🏴\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f",  # England: tag sequence
+    "שלום \u200fעולם",  # noqa: RUF001 - a right-to-left mark is ordinary in Hebrew
+    "e\u0301",  # a combining accent
+]
+
+
+@pytest.mark.parametrize("message", TYPED_MESSAGES)
+def test_typed_first_messages_pass(message: str) -> None:
+    assert validate(CreateWebChatRequest(address_sid=SID, initial_message=message)).initial_message
+
+
+@pytest.mark.parametrize(
+    ("message", "problem"),
+    [
+        ("pay \u202eevil\u202c now", "bidi embedding, override or isolate"),
+        ("\u2066isolated\u2069", "found U+2066"),
+        ("a\u202ab", "found U+202A"),
+        ("line\u2028separator", "line or paragraph separators"),
+        ("para\u2029graph", "found U+2029"),
+        ("non\ufffecharacter", "noncharacters (found U+FFFE)"),
+        ("\ufdd0", "noncharacters"),
+        ("x\U0010ffff", "found U+10FFFF"),
+        ("\u200b\u200d\u2060", "visible character"),
+        ("\ufe0f\ufeff ", "visible character"),
+        (" \u3000\u00a0\n", "visible character"),
+        ("\u2800\u3164", "visible character"),
+        ("\U000e0067\U000e007f", "visible character"),
+        ("é\x07", "control characters other than newlines and tabs"),
+    ],
+)
+def test_first_messages_that_spoof_an_agents_view_are_refused(message: str, problem: str) -> None:
+    assert problem in violations(initial_message=message)["initial_message"]
+
+
+visible_text = st.text(
+    st.characters(categories=["L", "M", "N", "P", "S", "Zs"])
+    | st.sampled_from("\n\t\u200d\u200c\ufe0f"),
+    max_size=40,
+)
+visible_char = st.characters(categories=["L", "N", "P", "So"]).filter(lambda ch: ch not in "\u2800")
+forbidden_char = st.sampled_from(
+    [*"\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029", "\ufdd0", "\uffff"]
+    + [chr(plane * 0x10000 + 0xFFFE) for plane in range(1, 17)]
+)
+invisible_text = st.text(
+    st.sampled_from(" \t\n\r\u00a0\u3000\u200b\u200c\u200d\u200e\u2060\ufe0f\ufeff\u2800"),
+    min_size=1,
+)
+
+
+@given(before=visible_text, middle=visible_char, after=visible_text)
+def test_text_with_a_visible_character_passes(before: str, middle: str, after: str) -> None:
+    message = before + middle + after
+    validate(CreateWebChatRequest(address_sid=SID, initial_message=message))
+
+
+@given(before=visible_text, bad=forbidden_char, after=visible_text)
+def test_a_forbidden_character_anywhere_is_refused(before: str, bad: str, after: str) -> None:
+    problem = violations(initial_message=before + "x" + bad + after)["initial_message"]
+    assert f"U+{ord(bad):04X}" in problem
+
+
+@given(message=invisible_text)
+def test_text_without_a_visible_character_is_refused(message: str) -> None:
+    assert "visible character" in violations(initial_message=message)["initial_message"]
