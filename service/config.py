@@ -86,6 +86,7 @@ class Settings:
     shutdown_delay: float = 5.0
     shutdown_grace: float = 20.0
     max_concurrent_rpcs: int = 256
+    max_concurrent_rpcs_per_caller: int = 64  # with caller auth on: one caller's share of them
     max_message_bytes: int = 64 * 1024
     max_connection_age: float = 300.0
     max_connections: int = 1000
@@ -108,6 +109,7 @@ class Settings:
         reader = _EnvReader(env)
         username, password = _credentials(reader)
         api_secret = reader.secret("TWILIO_API_SECRET")
+        max_rpcs = reader.integer("GRPC_MAX_CONCURRENT_RPCS", 256, minimum=1)
         settings = cls(
             username=username,
             password=password,
@@ -145,7 +147,10 @@ class Settings:
             log_format=reader.choice("LOG_FORMAT", "json", ("json", "console")),
             shutdown_delay=reader.number("SHUTDOWN_DELAY_SECONDS", 5.0, minimum=0.0),
             shutdown_grace=reader.number("SHUTDOWN_GRACE_SECONDS", 20.0, minimum=0.0),
-            max_concurrent_rpcs=reader.integer("GRPC_MAX_CONCURRENT_RPCS", 256, minimum=1),
+            max_concurrent_rpcs=max_rpcs,
+            max_concurrent_rpcs_per_caller=reader.integer(
+                "GRPC_MAX_CONCURRENT_RPCS_PER_CALLER", max(max_rpcs // 4, 1), minimum=1
+            ),
             max_message_bytes=reader.integer("GRPC_MAX_MESSAGE_BYTES", 65536, minimum=1024),
             max_connection_age=reader.number("GRPC_MAX_CONNECTION_AGE_SECONDS", 300.0, minimum=0),
             max_connections=reader.integer("GRPC_MAX_CONNECTIONS", 1000, minimum=1),
@@ -185,6 +190,12 @@ class Settings:
                 + " (an auth token cannot sign access tokens)"
             )
         return settings
+
+    @property
+    def caller_auth(self) -> bool:
+        """Whether callers are told apart (bearer tokens or client certificates); without it
+        every call is one caller's, ``anonymous``, and per-caller shares do not apply."""
+        return bool(self.auth_tokens_file or self.tls_client_ca_file)
 
     @property
     def tokens_enabled(self) -> bool:

@@ -17,7 +17,8 @@ Exception tree::
     ├── TokensNotConfigured          issue_token/RefreshGuestToken without token settings
     ├── TokenRejected                a presented guest token is forged, foreign or expired
     ├── ServerLimit                  a limit the facade enforces on itself (RESOURCE_EXHAUSTED)
-    │   └── CallerQuotaExceeded      one caller already has too many calls queued or in flight
+    │   ├── CallerQuotaExceeded      one caller already has too many calls queued or in flight
+    │   └── CallerConcurrencyExceeded  one caller already has its share of the replica's calls
     └── ReplayedError                a stored outcome of an earlier call with the same request_id
 
 Servicer code raises these; :func:`to_status` is the only place that builds statuses.
@@ -213,6 +214,18 @@ class CallerQuotaExceeded(ServerLimit):
             "CALLER_QUOTA",
             f"caller {caller!r} already has {limit} calls queued or in flight "
             "(FLEX_MAX_PENDING_PER_CALLER); retry when some have finished",
+            retry_after=1.0,
+        )
+
+
+class CallerConcurrencyExceeded(ServerLimit):
+    """One caller may not hold more than its share of the replica's concurrent calls."""
+
+    def __init__(self, caller: str, limit: int) -> None:
+        super().__init__(
+            "CALLER_CONCURRENCY_LIMIT",
+            f"caller {caller!r} already has {limit} calls in progress on this replica "
+            "(GRPC_MAX_CONCURRENT_RPCS_PER_CALLER); retry when some have finished",
             retry_after=1.0,
         )
 

@@ -2,11 +2,14 @@
 and counted.
 
 Deny by default: every method is authenticated (when caller auth is on) and counted against
-``GRPC_MAX_CONCURRENT_RPCS``, whatever its service or handler kind, except the services in
-``PUBLIC_SERVICES`` (health, reflection), which need no token and whose streams share a small cap
-of their own. The limit is enforced here, after authentication, rather than by gRPC's
+``GRPC_MAX_CONCURRENT_RPCS`` and, with caller auth on, against its caller's own share of it
+(``GRPC_MAX_CONCURRENT_RPCS_PER_CALLER``), whatever its service or handler kind, except the
+services in ``PUBLIC_SERVICES`` (health, reflection), which need no token and whose streams share
+a small cap of their own. The limit is enforced here, after authentication, rather than by gRPC's
 ``maximum_concurrent_rpcs`` (which counts unauthenticated streams too, before anything can log
 them), so that every refusal the server makes is logged and counted like any other outcome.
+A caller's share is taken as soon as the caller is known, before its request message arrives, so
+calls that never send one count too: no caller can hold another's slots.
 
 Requests with one message are read here, as raw bytes, rather than by gRPC: a request whose
 message never arrives is timed out, and one that is not a valid protobuf message is an
@@ -34,6 +37,7 @@ from . import tracing
 from .auth import ANONYMOUS, CallerTokens, is_reserved
 from .connections import UnauthenticatedConnections
 from .errors import (
+    CallerConcurrencyExceeded,
     DeadlineExceeded,
     Draining,
     FacadeError,
@@ -68,6 +72,7 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 @dataclass(frozen=True)
 class Limits:
     max_concurrent_rpcs: int = 256
+    max_concurrent_rpcs_per_caller: int | None = None  # None: one caller, no shares
     max_public_streams: int = 16  # health Watch + reflection streams, unauthenticated
     message_timeout: float = 10.0  # seconds for a request's message to arrive
     max_message_bytes: int = 64 * 1024
@@ -88,6 +93,28 @@ class Slots:
 
     def give(self) -> None:
         self.used -= 1
+
+
+class CallerSlots:
+    """Each caller's calls in progress against the same limit for every caller."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used: dict[str, int] = {}
+
+    def take(self, caller: str) -> bool:
+        used = self.used.get(caller, 0)
+        if used >= self.limit:
+            return False
+        self.used[caller] = used + 1
+        return True
+
+    def give(self, caller: str) -> None:
+        left = self.used[caller] - 1
+        if left:
+            self.used[caller] = left
+        else:
+            del self.used[caller]  # callers come and go: keep only those with calls
 
 
 class RpcObserver(grpc.aio.ServerInterceptor):
@@ -111,6 +138,8 @@ class RpcObserver(grpc.aio.ServerInterceptor):
         self._connections = connections  # told of each authenticated call's connection
         self.slots = Slots(self._limits.max_concurrent_rpcs)
         self.public_slots = Slots(self._limits.max_public_streams)
+        per_caller = self._limits.max_concurrent_rpcs_per_caller
+        self.caller_slots = CallerSlots(per_caller) if per_caller is not None else None
         self._wrapped: dict[str, tuple[Handler, Handler]] = {}
         # Set once the server stops: gRPC then ends a stream still waiting for its message as
         # if the client had sent none, and the call is logged as cut by the shutdown instead.
@@ -206,6 +235,7 @@ class _Call:
         "_public",
         "_record",
         "_scope",
+        "_share",
         "_slots",
         "_span",
     )
@@ -216,6 +246,7 @@ class _Call:
         self._slots = observer.public_slots if public else observer.slots
         self._admitted = False
         self._held: Any = None  # the connection's mark while an authenticated call runs
+        self._share: str | None = None  # the caller whose share this call holds
 
     async def __aenter__(self) -> None:
         context = self._context
@@ -228,8 +259,13 @@ class _Call:
         slots = self._slots
         try:
             if not self._public:
-                self._record.caller = self._observer.caller(metadata, context)
-                self._held = self._observer.call_started(context, self._record.caller)
+                caller = self._record.caller = self._observer.caller(metadata, context)
+                self._held = self._observer.call_started(context, caller)
+                shares = self._observer.caller_slots
+                if shares is not None:
+                    if not shares.take(caller):
+                        raise CallerConcurrencyExceeded(caller, shares.limit)
+                    self._share = caller
             if not slots.take():
                 raise ServerLimit(
                     "CONCURRENCY_LIMIT",
@@ -276,6 +312,8 @@ class _Call:
 
     def _end(self, code: str, message: str) -> None:
         UnauthenticatedConnections.call_ended(self._held)
+        if self._share is not None:
+            self._observer.caller_slots.give(self._share)  # type: ignore[union-attr]
         if self._admitted:
             self._slots.give()
             if not self._public:

@@ -79,6 +79,9 @@ class Facade:
 
         limits = Limits(
             max_concurrent_rpcs=settings.max_concurrent_rpcs,
+            max_concurrent_rpcs_per_caller=(
+                settings.max_concurrent_rpcs_per_caller if settings.caller_auth else None
+            ),
             message_timeout=settings.request_message_timeout,
             max_message_bytes=settings.max_message_bytes,
         )

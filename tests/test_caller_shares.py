@@ -1,0 +1,113 @@
+"""One caller's share of a replica, through the real server with two authenticated callers:
+whatever billing does with its calls, connections and streams, support is still served, and every
+limit billing reaches is answered as the facade's own RESOURCE_EXHAUSTED with a RetryInfo."""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from conftest import ADDRESS_SID, EmulatorProcess, rich_status
+from flexwebchat.v1 import webchat_pb2
+from google.rpc import error_details_pb2, status_pb2
+from rawh2 import RawConnection
+
+from service.config import Settings
+
+CREATE = "/flexwebchat.v1.WebChatService/CreateWebChat"
+TOKENS = {"billing": "tok-billing-0123456789abcdef", "support": "tok-support-0123456789abcdef"}
+BILLING = [("authorization", f"Bearer {TOKENS['billing']}")]
+SUPPORT = [("authorization", f"Bearer {TOKENS['support']}")]
+REQUEST = webchat_pb2.CreateWebChatRequest(address_sid=ADDRESS_SID)
+EXHAUSTED = str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+
+
+def two_callers(make_facade: Any, tmp_path: Path, url: str, **env: str) -> Any:
+    """A facade with two callers, billing and support, each holding its own token."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("".join(f"{name}:{token}\n" for name, token in TOKENS.items()))
+    return make_facade(url, AUTH_TOKENS_FILE=str(tokens), **env)
+
+
+def reason(trailers: dict[str, str]) -> str:
+    """The ErrorInfo reason of a raw stream's trailers, and whether a RetryInfo came with it."""
+    raw = trailers["grpc-status-details-bin"]
+    status = status_pb2.Status.FromString(base64.b64decode(raw + "=" * (-len(raw) % 4)))
+    found, retry = "", False
+    for packed in status.details:
+        if packed.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            packed.Unpack(info)
+            found = info.reason
+        retry = retry or packed.Is(error_details_pb2.RetryInfo.DESCRIPTOR)
+    return f"{found}+RetryInfo" if retry else found
+
+
+def test_the_per_caller_share_defaults_to_a_quarter_of_the_replicas_calls() -> None:
+    creds = {"TWILIO_ACCOUNT_SID": "AC" + "a" * 32, "TWILIO_AUTH_TOKEN": "t"}
+    assert Settings.from_env(creds).max_concurrent_rpcs_per_caller == 64
+    env = {**creds, "GRPC_MAX_CONCURRENT_RPCS": "10"}
+    assert Settings.from_env(env).max_concurrent_rpcs_per_caller == 2
+    env = {**creds, "GRPC_MAX_CONCURRENT_RPCS": "3"}
+    assert Settings.from_env(env).max_concurrent_rpcs_per_caller == 1
+
+
+def test_one_caller_cannot_hold_every_call_slot(
+    make_facade: Any, tmp_path: Path, upstream: EmulatorProcess
+) -> None:
+    """billing opens every slot's worth of calls that never send their message: past its share
+    (a quarter) it alone is refused, at once, and support is served."""
+    facade = two_callers(
+        make_facade,
+        tmp_path,
+        upstream.url,
+        GRPC_MAX_CONCURRENT_RPCS="8",
+        GRPC_REQUEST_MESSAGE_TIMEOUT_SECONDS="20",
+    )
+    conn = RawConnection(facade.port)
+    try:
+        held = [conn.open(CREATE, metadata=BILLING, end_stream=False) for _ in range(8)]
+        give_up = time.monotonic() + 10
+        while time.monotonic() < give_up and sum(s in conn.ended for s in held) < 6:
+            conn.pump(0.05)
+        refused = [conn.ended[s] for s in held if s in conn.ended]
+        assert [t.get("grpc-status") for t in refused] == [EXHAUSTED] * 6  # 2 still wait
+        assert {reason(t) for t in refused} == {"CALLER_CONCURRENCY_LIMIT+RetryInfo"}
+
+        for _ in range(3):  # support still gets in, while billing's two calls wait
+            reply = facade.stub.CreateWebChat(REQUEST, metadata=SUPPORT, timeout=10)
+            assert reply.conversation_sid.startswith("CH")
+        with pytest.raises(grpc.RpcError) as caught:  # billing, with a standard client
+            facade.stub.CreateWebChat(REQUEST, metadata=BILLING, timeout=10)
+        status = rich_status(caught.value)
+        assert status["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert status["ErrorInfo"].reason == "CALLER_CONCURRENCY_LIMIT"
+        assert status["RetryInfo"].retry_delay.seconds == 1
+        assert "GRPC_MAX_CONCURRENT_RPCS_PER_CALLER" in status["message"]
+        labels = 'caller="billing",code="RESOURCE_EXHAUSTED",method="CreateWebChat"'
+        assert facade.metric(f"flexwebchat_rpcs_total{{{labels}}}") == 7
+    finally:
+        conn.close()
+    # Billing's held calls end with their connection; its share comes back.
+    give_up = time.monotonic() + 10
+    while facade.metric("flexwebchat_rpcs_in_flight") and time.monotonic() < give_up:
+        time.sleep(0.05)
+    assert facade.stub.CreateWebChat(REQUEST, metadata=BILLING, timeout=10).conversation_sid
+    support = 'flexwebchat_rpcs_total{caller="support",code="OK",method="CreateWebChat"}'
+    assert facade.metric(support) == 3
+
+
+def test_without_caller_auth_one_caller_may_use_every_slot(
+    make_facade: Any, unlimited_upstream: EmulatorProcess
+) -> None:
+    """With caller auth off every call is anonymous's: there is no one else to share with."""
+    facade = make_facade(
+        unlimited_upstream.url, FLEX_RATE_LIMIT_RPS="0", GRPC_MAX_CONCURRENT_RPCS="8"
+    )
+    unlimited_upstream.fault(latency=0.5)
+    calls = [facade.stub.CreateWebChat.future(REQUEST, timeout=10) for _ in range(8)]
+    assert all(call.result().conversation_sid.startswith("CH") for call in calls)
