@@ -323,6 +323,11 @@ _NO_PORT_SHARING = ("grpc.so_reuseport", 0)
 
 # Streams one connection may hold open at once; more wait in the client (HTTP/2 flow control).
 MAX_STREAMS_PER_CONNECTION = 100
+# gRPC's "overload protection" counts a stream until the server has freed it, not until it has
+# ended, and refuses the next one (RST_STREAM REFUSED_STREAM, "Stream removed" to the caller) even
+# when the client keeps to the advertised limit: off, a client within it is never refused, and
+# the facade's own limits (RESOURCE_EXHAUSTED with RetryInfo) answer every call it sends.
+_STREAMS_COUNTED_WHILE_OPEN = ("grpc.http.overload_protection", 0)
 # A TCP connection must finish its TLS handshake and send HTTP/2 settings within this time.
 HANDSHAKE_TIMEOUT_MS = 5_000
 
@@ -340,6 +345,7 @@ def _channel_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
         ("grpc.max_connection_idle_ms", int(settings.max_connection_idle * 1000)),
         ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+        _STREAMS_COUNTED_WHILE_OPEN,
     ]
     if settings.max_connection_age > 0:
         # Long-lived HTTP/2 connections pin a client to one pod; ageing them out lets

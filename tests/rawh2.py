@@ -32,6 +32,7 @@ class RawConnection:
         self.sock.sendall(self.conn.data_to_send())
         self.ended: dict[int, dict[str, str]] = {}  # stream id -> trailers (or headers)
         self.headers: dict[int, dict[str, str]] = {}
+        self.resets: dict[int, int] = {}  # stream id -> the server's RST_STREAM error code
 
     def open(
         self,
@@ -74,6 +75,8 @@ class RawConnection:
                 self.headers.setdefault(event.stream_id, {}).update(fields)
             if isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
                 self.ended[event.stream_id] = self.headers.get(event.stream_id, {})
+            if isinstance(event, h2.events.StreamReset) and event.remote_reset:
+                self.resets[event.stream_id] = int(event.error_code)
             if isinstance(event, h2.events.DataReceived):
                 self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         pending = self.conn.data_to_send()
@@ -88,6 +91,15 @@ class RawConnection:
             if time.monotonic() > deadline or not self.pump(0.2):
                 raise AssertionError(f"stream {stream} did not end")
         return self.ended[stream]
+
+    def advertised_streams(self, timeout: float = 5) -> int:
+        """The server's SETTINGS_MAX_CONCURRENT_STREAMS, once its settings have arrived."""
+        deadline = time.monotonic() + timeout
+        unlimited = self.conn.remote_settings.max_concurrent_streams
+        while self.conn.remote_settings.max_concurrent_streams == unlimited:
+            if time.monotonic() > deadline or not self.pump(0.05):
+                raise AssertionError("no SETTINGS_MAX_CONCURRENT_STREAMS from the server")
+        return int(self.conn.remote_settings.max_concurrent_streams)
 
     def close(self) -> None:
         self.sock.close()

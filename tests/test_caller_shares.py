@@ -14,7 +14,7 @@ import pytest
 from conftest import ADDRESS_SID, EmulatorProcess, rich_status
 from flexwebchat.v1 import webchat_pb2
 from google.rpc import error_details_pb2, status_pb2
-from rawh2 import RawConnection
+from rawh2 import RawConnection, grpc_frame
 
 from service.config import Settings
 
@@ -111,3 +111,73 @@ def test_without_caller_auth_one_caller_may_use_every_slot(
     unlimited_upstream.fault(latency=0.5)
     calls = [facade.stub.CreateWebChat.future(REQUEST, timeout=10) for _ in range(8)]
     assert all(call.result().conversation_sid.startswith("CH") for call in calls)
+
+
+def test_a_thousand_calls_on_one_channel_wait_for_their_streams(
+    make_facade: Any, tmp_path: Path, unlimited_upstream: EmulatorProcess
+) -> None:
+    """A standard grpcio channel asking for 1000 calls at once, ten times the streams a
+    connection may hold, with every cap of the facade lifted: the client waits for streams and
+    every call is served; none is refused by HTTP/2 ("Stream removed")."""
+    lifted = "2000"
+    facade = two_callers(
+        make_facade,
+        tmp_path,
+        unlimited_upstream.url,
+        FLEX_RATE_LIMIT_RPS="0",
+        GRPC_MAX_CONCURRENT_RPCS=lifted,
+        GRPC_MAX_CONCURRENT_RPCS_PER_CALLER=lifted,
+        FLEX_MAX_PENDING_PER_CALLER=lifted,
+    )
+    unlimited_upstream.fault(latency=0.1)
+    with grpc.insecure_channel(facade.target) as channel:
+        create = channel.unary_unary(CREATE)
+        billing = [
+            create.future(REQUEST.SerializeToString(), metadata=BILLING, timeout=60)
+            for _ in range(1000)
+        ]
+        support = facade.stub.CreateWebChat(REQUEST, metadata=SUPPORT, timeout=60)
+        outcomes: dict[str, int] = {}
+        for call in billing:
+            try:
+                call.result()
+                code = "OK"
+            except grpc.RpcError as error:
+                code = f"{error.code().name}: {error.details()}"
+            outcomes[code] = outcomes.get(code, 0) + 1
+    assert outcomes == {"OK": 1000}
+    assert support.conversation_sid.startswith("CH")
+
+
+def test_a_client_within_the_advertised_streams_is_never_refused(
+    make_facade: Any, tmp_path: Path, unlimited_upstream: EmulatorProcess
+) -> None:
+    """A client that keeps exactly to SETTINGS_MAX_CONCURRENT_STREAMS and opens the next stream
+    the moment one ends (as grpc-java does): no stream is reset, and where billing reaches its
+    share of the replica, the answer is the facade's own, with a RetryInfo, counted."""
+    facade = two_callers(make_facade, tmp_path, unlimited_upstream.url, FLEX_RATE_LIMIT_RPS="0")
+    unlimited_upstream.fault(latency=0.05)
+    body = grpc_frame(REQUEST.SerializeToString())
+    conn = RawConnection(facade.port)
+    try:
+        limit = conn.advertised_streams()
+        opened: list[int] = []
+        give_up = time.monotonic() + 60
+        while len(conn.ended) < 600 and time.monotonic() < give_up:
+            while len(opened) < 600 and conn.conn.open_outbound_streams < limit:
+                opened.append(conn.open(CREATE, metadata=BILLING, body=body))
+            conn.pump(0.02)
+        reply = facade.stub.CreateWebChat(REQUEST, metadata=SUPPORT, timeout=10)
+        assert reply.conversation_sid.startswith("CH")
+    finally:
+        conn.close()
+    assert conn.resets == {}
+    assert len(conn.ended) == 600
+    outcomes = [
+        (t.get("grpc-status"), reason(t) if t.get("grpc-status") != "0" else "")
+        for t in conn.ended.values()
+    ]
+    refused = outcomes.count((EXHAUSTED, "CALLER_CONCURRENCY_LIMIT+RetryInfo"))
+    assert outcomes.count(("0", "")) + refused == 600
+    labels = 'caller="billing",code="RESOURCE_EXHAUSTED",method="CreateWebChat"'
+    assert facade.metric(f"flexwebchat_rpcs_total{{{labels}}}") == refused
