@@ -34,7 +34,15 @@ def with_token(make_facade: Any, tmp_path: Path, url: str, **env: str) -> Any:
 
 @pytest.fixture
 def guarded(make_facade, tmp_path: Path, upstream: EmulatorProcess) -> Any:
-    return with_token(make_facade, tmp_path, upstream.url, GRPC_REQUEST_MESSAGE_TIMEOUT_SECONDS="1")
+    """billing's share is the whole replica: what is tested here is what callers without a
+    token can take (tests/test_caller_shares.py: what one caller can take from another)."""
+    return with_token(
+        make_facade,
+        tmp_path,
+        upstream.url,
+        GRPC_REQUEST_MESSAGE_TIMEOUT_SECONDS="1",
+        GRPC_MAX_CONCURRENT_RPCS_PER_CALLER="256",
+    )
 
 
 def test_idle_unauthenticated_streams_cannot_take_the_callers_slots(guarded, upstream) -> None:
@@ -102,6 +110,7 @@ def test_the_concurrency_limit_is_logged_and_counted(
         unlimited_upstream.url,
         FLEX_RATE_LIMIT_RPS="0",
         GRPC_MAX_CONCURRENT_RPCS="2",
+        GRPC_MAX_CONCURRENT_RPCS_PER_CALLER="3",  # the replica's limit answers first
     )
     unlimited_upstream.fault(latency=1.0)
     outcomes: list[object] = []
