@@ -326,7 +326,10 @@ MAX_STREAMS_PER_CONNECTION = 100
 # gRPC's "overload protection" counts a stream until the server has freed it, not until it has
 # ended, and refuses the next one (RST_STREAM REFUSED_STREAM, "Stream removed" to the caller) even
 # when the client keeps to the advertised limit: off, a client within it is never refused, and
-# the facade's own limits (RESOURCE_EXHAUSTED with RetryInfo) answer every call it sends.
+# the facade's own limits (RESOURCE_EXHAUSTED with RetryInfo) answer every call it sends. The
+# cost: streams a client resets at once do not count against its connection, so one connection
+# can fill gRPC's queue of calls waiting for the server (about 1000, then some are CANCELLED),
+# where ten would be needed with it on (docs/security.md).
 _STREAMS_COUNTED_WHILE_OPEN = ("grpc.http.overload_protection", 0)
 # A TCP connection must finish its TLS handshake and send HTTP/2 settings within this time.
 HANDSHAKE_TIMEOUT_MS = 5_000
