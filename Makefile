@@ -10,7 +10,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTO  := proto/flexwebchat/v1/webchat.proto
 
-.PHONY: run test lint breaking api-baseline proto bench system-deps example-deps examples go-example clean
+.PHONY: run test lint breaking api-baseline proto bench system-deps example-deps examples go-example \
+  java-example clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
@@ -37,11 +38,15 @@ system-deps:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "missing Debian packages: run 'sudo apt-get install$$missing'" >&2; exit 1; fi; fi
 
-# Debian packages the Go example builds with, offline: Go, grpc-go, protobuf-go and genproto as
-# GOPATH sources, the protoc plugins examples/buf.gen.yaml runs, and protoc for its Java output.
+# Debian packages the Go and Java examples build with, offline: Go, grpc-go, protobuf-go and
+# genproto as sources for the Go module's vendor/ (examples/go/debian-vendor.sh), the protoc
+# plugins examples/buf.gen.yaml runs, protoc for its Java output, and a JDK with grpc-java 1.41,
+# protobuf-java and what they need at run time (netty, perfmark, gson, javax.annotation).
 EXAMPLE_DEBS := golang-go golang-google-grpc-dev golang-google-protobuf-dev \
   golang-github-golang-protobuf-1-5-dev golang-google-genproto-dev protoc-gen-go protoc-gen-go-grpc \
-  protobuf-compiler protobuf-compiler-grpc-java-plugin
+  protobuf-compiler protobuf-compiler-grpc-java-plugin \
+  default-jdk-headless libgrpc-java libprotobuf-java libnetty-java libperfmark-java \
+  libgoogle-gson-java libgeronimo-annotation-1.3-spec-java
 example-deps:
 	@missing=$$(for deb in $(EXAMPLE_DEBS); do \
 	  dpkg-query -W -f='$${Status}\n' $$deb 2>/dev/null | grep -q ' installed' || echo $$deb; done); \
@@ -90,25 +95,55 @@ breaking: node_modules/.installed
 api-baseline: node_modules/.installed
 	node_modules/.bin/buf build --exclude-source-info -o $(BASELINE)
 
-# The Node.js and Go callers in examples/, which tests/test_examples.py runs against the facade.
-examples: examples/node/node_modules/.installed go-example
+# The Node.js, Go and Java callers in examples/, which tests/test_examples.py runs against the
+# facade. Each is built again only when its sources change.
+examples: examples/node/node_modules/.installed go-example java-example
 
 examples/node/node_modules/.installed: examples/node/package.json examples/node/package-lock.json
 	cd examples/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-# Generates Go (and Java) code with examples/buf.gen.yaml, as a caller would, and builds the Go
-# example in GOPATH mode from Debian's packages: nothing is downloaded. Debian names the Java
+# Go and Java code from examples/buf.gen.yaml, generated as a caller would. Debian names the Java
 # plugin grpc_java_plugin; callers elsewhere have it as protoc-gen-grpc-java.
-GO_BUILD := $(CURDIR)/.build/go
-GO_PKG   := $(GO_BUILD)/src/example.com/flexwebchat/examples/go
-go-example: node_modules/.installed example-deps
-	rm -rf $(GO_BUILD) && mkdir -p $(GO_BUILD)/bin $(GO_PKG)
-	ln -s /usr/bin/grpc_java_plugin $(GO_BUILD)/bin/protoc-gen-grpc-java
-	PATH=$(GO_BUILD)/bin:$$PATH node_modules/.bin/buf generate --template examples/buf.gen.yaml -o $(GO_PKG)
-	cp examples/go/main.go $(GO_PKG)/
-	cd $(GO_PKG) && GO111MODULE=off GOPROXY=off GOFLAGS= GOPATH=$(GO_BUILD):/usr/share/gocode \
-	  go build -o $(GO_BUILD)/create-webchat .
+GEN := .build/gen
+SERVICE_CONFIG := generated/flexwebchat/v1/service_config.json
+$(GEN)/.generated: $(PROTO) examples/buf.gen.yaml node_modules/.installed | example-deps
+	rm -rf $(GEN) && mkdir -p $(GEN)/bin
+	ln -s /usr/bin/grpc_java_plugin $(GEN)/bin/protoc-gen-grpc-java
+	PATH=$(CURDIR)/$(GEN)/bin:$$PATH node_modules/.bin/buf generate --template examples/buf.gen.yaml -o $(GEN)
+	touch $@
+
+# The Go example as a module (examples/go/go.mod), its service config built in, its vendor/
+# made from Debian's packages: nothing is downloaded.
+GO_BUILD := .build/go
+go-example: $(GO_BUILD)/create-webchat
+$(GO_BUILD)/create-webchat: examples/go/main.go examples/go/go.mod examples/go/debian-vendor.sh \
+    $(SERVICE_CONFIG) $(GEN)/.generated
+	rm -rf $(GO_BUILD) && mkdir -p $(GO_BUILD)/gen
+	cp examples/go/main.go examples/go/go.mod $(SERVICE_CONFIG) $(GO_BUILD)/
+	cp -r $(GEN)/gen/go $(GO_BUILD)/gen/
+	examples/go/debian-vendor.sh $(GO_BUILD)
+	cd $(GO_BUILD) && GOFLAGS=-mod=vendor GOPROXY=off go build -o create-webchat .
+
+# The Java example, compiled once with javac against Debian's jars (grpc-java 1.41). Debian's
+# proto-google-common-protos (1.16) has no com.google.rpc.ErrorInfo, so google/rpc's messages
+# are generated here from the protos googleapis-common-protos ships, with Debian's protoc.
+# $(JAVA_BUILD)/classpath is what runs it: java -cp "$$(cat .build/java/classpath)" CreateWebChat
+JAVA_BUILD := .build/java
+JAVA_JARS  := grpc-api grpc-context grpc-core grpc-netty grpc-protobuf grpc-protobuf-lite grpc-stub \
+  protobuf protobuf-util guava gson perfmark-api geronimo-annotation-1.3-spec netty-buffer \
+  netty-codec netty-codec-http netty-codec-http2 netty-codec-socks netty-common netty-handler \
+  netty-handler-proxy netty-resolver netty-transport
+java-example: $(JAVA_BUILD)/classpath
+$(JAVA_BUILD)/classpath: examples/java/CreateWebChat.java $(SERVICE_CONFIG) $(GEN)/.generated $(STAMP)
+	rm -rf $(JAVA_BUILD) && mkdir -p $(JAVA_BUILD)/rpc $(JAVA_BUILD)/classes/flexwebchat/v1
+	protoc -I$$($(BIN)/python -c 'import pathlib, google.rpc.status_pb2 as m; print(pathlib.Path(m.__file__).parents[2])') \
+	  -I/usr/include --java_out=$(JAVA_BUILD)/rpc google/rpc/status.proto google/rpc/error_details.proto
+	javac -d $(JAVA_BUILD)/classes \
+	  -cp $(subst $(eval) ,:,$(JAVA_JARS:%=/usr/share/java/%.jar)) \
+	  $$(find $(GEN)/gen/java $(JAVA_BUILD)/rpc -name '*.java') examples/java/CreateWebChat.java
+	cp $(SERVICE_CONFIG) $(JAVA_BUILD)/classes/flexwebchat/v1/
+	echo "$(CURDIR)/$(JAVA_BUILD)/classes:$(subst $(eval) ,:,$(JAVA_JARS:%=/usr/share/java/%.jar))" >$@
 
 # The benchmark runs the facade as the image does: the package installed with its runtime
 # dependencies only (editable, so it is this checkout's code), none of the dev tools. In .venv,

@@ -12,9 +12,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import ADDRESS_SID, ROOT, EmulatorProcess, FacadeProcess
+
+from emulator.harness import guest_env
 
 # The client's dependencies (typing-extensions is grpcio's), nothing of the server's (httpx, redis,
 # tenacity, ...).
@@ -76,15 +79,18 @@ def test_installs_only_the_client_and_what_it_needs(
 
 
 def test_the_python_example_calls_the_facade_with_it(
-    client_venv: Path, facade: FacadeProcess, upstream: EmulatorProcess
+    client_venv: Path, make_facade: Any, upstream: EmulatorProcess
 ) -> None:
+    facade: FacadeProcess = make_facade(upstream.url, **guest_env(upstream.url))
     example = ROOT / "examples/python/create_webchat.py"
 
     ok = subprocess.run(
         [client_venv, example, facade.target, ADDRESS_SID], capture_output=True, text=True, cwd="/"
     )
     assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["conversation_sid"].startswith("CH")
+    replies = json.loads(ok.stdout)
+    assert replies["created"]["conversation_sid"].startswith("CH")
+    assert replies["refreshed"]["identity"] == replies["created"]["identity"]
 
     bad = subprocess.run(
         [client_venv, example, facade.target, "AD" + "0" * 32],
@@ -97,4 +103,4 @@ def test_the_python_example_calls_the_facade_with_it(
     assert error["code"] == "INVALID_ARGUMENT"
     assert error["retryable"] is False
     assert [v["field"] for v in error["BadRequest"]["fieldViolations"]] == ["address_sid"]
-    assert len(upstream.requests()) == 1
+    assert len(upstream.requests()) == 2  # the create and the first message

@@ -1,21 +1,22 @@
-// Command create-webchat creates one web chat through the flexwebchat facade, as
+// Command create-webchat runs a guest's whole flow through the flexwebchat facade, as
 // docs/clients.md shows it for Go callers:
 //
 //	create-webchat HOST:PORT ADDRESS_SID
 //
-// It prints the response as JSON and exits 0, or prints the status code and its google.rpc
-// details (BadRequest, ErrorInfo, RetryInfo, PreconditionFailure) as JSON and exits 1. The
-// stubs come from `buf generate --template ../buf.gen.yaml` (managed mode sets go_package).
+// It creates a chat with a request_id, a guest access token and the guest's first message, then
+// refreshes the token, on one channel with the shipped service config. It prints both replies as
+// JSON and exits 0, or prints the status code and its google.rpc details (BadRequest, ErrorInfo,
+// RetryInfo, PreconditionFailure) as JSON and exits 1. The stubs come from
+// `buf generate --template ../buf.gen.yaml` (managed mode sets go_package).
 package main
 
 import (
 	"context"
 	"crypto/rand"
+	_ "embed"
 	"encoding/json"
 	"fmt"
-	"io/ioutil"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 	"unicode"
@@ -26,8 +27,15 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/runtime/protoimpl"
 )
+
+// serviceConfig is generated/flexwebchat/v1/service_config.json, copied next to this file and
+// built into the binary, which therefore runs from any directory.
+//
+//go:embed service_config.json
+var serviceConfig string
 
 func main() {
 	if len(os.Args) != 3 {
@@ -39,35 +47,56 @@ func main() {
 
 func run(target, addressSid string) int {
 	// The shipped service config: gRPC retries UNAVAILABLE and RESOURCE_EXHAUSTED itself and waits
-	// as long as the facade's RetryInfo asks (grpc-retry-pushback-ms); round_robin over replicas
-	// with a dns:/// target naming a headless Service. (grpc-go before 1.40: GRPC_GO_RETRY=on.)
-	serviceConfig, err := ioutil.ReadFile(serviceConfigPath())
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 2
-	}
-	conn, err := grpc.Dial(target, grpc.WithInsecure(), grpc.WithDefaultServiceConfig(string(serviceConfig)))
+	// as long as the facade asks (grpc-retry-pushback-ms); round_robin over replicas with a
+	// dns:/// target naming a headless Service. (grpc-go before 1.40: GRPC_GO_RETRY=on.)
+	conn, err := grpc.Dial(target, grpc.WithInsecure(), grpc.WithDefaultServiceConfig(serviceConfig))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 2
 	}
 	defer conn.Close()
+	client := flexwebchatv1.NewWebChatServiceClient(conn)
 
-	// Always set a deadline; the facade fits its own retries into it.
+	created, err := createWebChat(client, addressSid, newUUID(), "Hello, I need help")
+	if err != nil {
+		return failed(err)
+	}
+	// An empty initial_message_sid: the chat exists, but the first message was not posted.
+	refreshed, err := refreshGuestToken(client, created.AccessToken)
+	if err != nil {
+		return failed(err)
+	}
+	printJSON(map[string]json.RawMessage{"created": replyJSON(created), "refreshed": replyJSON(refreshed)})
+	return 0
+}
+
+// createWebChat makes one chat with a guest token and the guest's first message. requestID is
+// made once per chat and reused by every retry of it: retries then never create a second
+// conversation.
+func createWebChat(client flexwebchatv1.WebChatServiceClient, addressSid, requestID, firstMessage string) (*flexwebchatv1.CreateWebChatResponse, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second) // always a deadline
+	defer cancel()
+	return client.CreateWebChat(ctx, &flexwebchatv1.CreateWebChatRequest{
+		AddressSid:     addressSid,
+		RequestId:      requestID,
+		IssueToken:     true,
+		InitialMessage: firstMessage,
+	})
+}
+
+// refreshGuestToken gets a fresh token for the guest's conversation before the old one expires
+// (the browser's tokenAboutToExpire). No Twilio call: it needs no request_id.
+func refreshGuestToken(client flexwebchatv1.WebChatServiceClient, accessToken string) (*flexwebchatv1.RefreshGuestTokenResponse, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	// One request_id per chat, reused by every retry of that chat: retries then never create a
-	// second conversation.
-	request := &flexwebchatv1.CreateWebChatRequest{AddressSid: addressSid, RequestId: newUUID()}
-	reply, err := flexwebchatv1.NewWebChatServiceClient(conn).CreateWebChat(ctx, request)
-	if err != nil {
-		described := describe(err)
-		described["retryable"] = shouldRetry(described)
-		printJSON(described)
-		return 1
-	}
-	printJSON(json.RawMessage(protojson.MarshalOptions{UseProtoNames: true}.Format(reply)))
-	return 0
+	return client.RefreshGuestToken(ctx, &flexwebchatv1.RefreshGuestTokenRequest{AccessToken: accessToken})
+}
+
+func failed(err error) int {
+	described := describe(err)
+	described["retryable"] = shouldRetry(described)
+	printJSON(described)
+	return 1
 }
 
 // describe returns the status code and each google.rpc detail of a failed call, by type name.
@@ -102,6 +131,11 @@ func asJSON(message interface{}) json.RawMessage {
 	return json.RawMessage(protojson.Format(protoimpl.X.ProtoMessageV2Of(message)))
 }
 
+// replyJSON writes a reply with the proto's field names, as the other examples print it.
+func replyJSON(reply proto.Message) json.RawMessage {
+	return json.RawMessage(protojson.MarshalOptions{UseProtoNames: true}.Format(reply))
+}
+
 func printJSON(value interface{}) {
 	out, _ := json.MarshalIndent(value, "", "  ")
 	fmt.Println(string(out))
@@ -129,13 +163,4 @@ func newUUID() string {
 	b[6] = b[6]&0x0f | 0x40 // version 4
 	b[8] = b[8]&0x3f | 0x80 // RFC 4122 variant
 	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
-}
-
-// serviceConfigPath is the service config shipped with the proto stubs, found from this example's
-// place in the checkout unless FLEXWEBCHAT_SERVICE_CONFIG names it.
-func serviceConfigPath() string {
-	if path := os.Getenv("FLEXWEBCHAT_SERVICE_CONFIG"); path != "" {
-		return path
-	}
-	return filepath.Join("..", "..", "generated", "flexwebchat", "v1", "service_config.json")
 }

@@ -1,9 +1,12 @@
-// Creates one web chat through the flexwebchat facade, as docs/clients.md shows it for Node.js:
+// Runs a guest's whole flow through the flexwebchat facade, as docs/clients.md shows it for
+// Node.js:
 //
 //   node create-webchat.js HOST:PORT ADDRESS_SID
 //
-// Prints the response as JSON and exits 0, or prints the status code and its google.rpc details
-// (BadRequest, ErrorInfo, RetryInfo, PreconditionFailure) as JSON and exits 1.
+// Creates a chat with a request_id, a guest access token and the guest's first message, then
+// refreshes the token, on one channel with the shipped service config. Prints both replies as
+// JSON and exits 0, or prints the status code and its google.rpc details (BadRequest, ErrorInfo,
+// RetryInfo, PreconditionFailure) as JSON and exits 1.
 'use strict';
 
 const crypto = require('node:crypto');
@@ -48,15 +51,31 @@ function connect(target) {
   });
 }
 
-// One chat. requestId is made once per chat and reused by every retry of it: that is what makes
-// any retry (gRPC's own, or yours) return the same conversation.
-function createWebChat(client, addressSid, requestId) {
+// One chat with a guest access token and the guest's first message. requestId is made once per
+// chat and reused by every retry of it: that is what makes any retry (gRPC's own, or yours)
+// return the same conversation.
+function createWebChat(client, addressSid, requestId, firstMessage) {
+  const request = {
+    address_sid: addressSid,
+    request_id: requestId,
+    issue_token: true,
+    initial_message: firstMessage,
+  };
   const deadline = new Date(Date.now() + 10_000); // always set a deadline
   return new Promise((resolve, reject) => {
-    client.CreateWebChat(
-      { address_sid: addressSid, request_id: requestId },
-      { deadline },
-      (error, reply) => (error ? reject(error) : resolve(reply)),
+    client.CreateWebChat(request, { deadline }, (error, reply) =>
+      error ? reject(error) : resolve(reply),
+    );
+  });
+}
+
+// A fresh token for the guest's conversation, before the old one expires (the browser's
+// tokenAboutToExpire). No Twilio call: it needs no request_id.
+function refreshGuestToken(client, accessToken) {
+  const deadline = new Date(Date.now() + 10_000);
+  return new Promise((resolve, reject) => {
+    client.RefreshGuestToken({ access_token: accessToken }, { deadline }, (error, reply) =>
+      error ? reject(error) : resolve(reply),
     );
   });
 }
@@ -89,8 +108,15 @@ function shouldRetry(described) {
 async function main([target, addressSid]) {
   const client = connect(target);
   try {
-    const reply = await createWebChat(client, addressSid, crypto.randomUUID());
-    console.log(JSON.stringify(reply));
+    const created = await createWebChat(
+      client,
+      addressSid,
+      crypto.randomUUID(),
+      'Hello, I need help',
+    );
+    // An empty initial_message_sid: the chat exists, but the first message was not posted.
+    const refreshed = await refreshGuestToken(client, created.access_token);
+    console.log(JSON.stringify({ created, refreshed }));
     return 0;
   } catch (error) {
     const described = errorDetails(error);
@@ -101,7 +127,7 @@ async function main([target, addressSid]) {
   }
 }
 
-module.exports = { connect, createWebChat, errorDetails, shouldRetry };
+module.exports = { connect, createWebChat, refreshGuestToken, errorDetails, shouldRetry };
 
 if (require.main === module) {
   main(process.argv.slice(2)).then((code) => {

@@ -1,9 +1,11 @@
-"""Creates one web chat through the facade, as docs/clients.md shows it for Python callers.
+"""A guest's whole flow through the facade, as docs/clients.md shows it for Python callers.
 
     python create_webchat.py HOST:PORT ADDRESS_SID
 
-Needs only the client package (``pip install ./generated``: flexwebchat-client). Prints the
-response as JSON and exits 0, or prints the status code and its google.rpc details and exits 1.
+Creates a chat with a request_id, a guest access token and the guest's first message, then
+refreshes the token, on one channel with the shipped service config. Needs only the client
+package (``pip install ./generated``: flexwebchat-client). Prints both replies as JSON and exits
+0, or prints the status code and its google.rpc details and exits 1.
 """
 
 from __future__ import annotations
@@ -41,13 +43,29 @@ def connect(target: str) -> grpc.Channel:
 
 
 def create_webchat(
-    channel: grpc.Channel, address_sid: str, request_id: str
+    channel: grpc.Channel, address_sid: str, request_id: str, first_message: str = ""
 ) -> webchat_pb2.CreateWebChatResponse:
-    """One chat. ``request_id`` is made once per chat and reused by every retry of it: that is
-    what makes any retry (gRPC's own, or yours) return the same conversation."""
+    """One chat with a guest access token and, when given, the guest's first message.
+    ``request_id`` is made once per chat and reused by every retry of it: that is what makes any
+    retry (gRPC's own, or yours) return the same conversation."""
     stub = webchat_pb2_grpc.WebChatServiceStub(channel)
-    request = webchat_pb2.CreateWebChatRequest(address_sid=address_sid, request_id=request_id)
+    request = webchat_pb2.CreateWebChatRequest(
+        address_sid=address_sid,
+        request_id=request_id,
+        issue_token=True,
+        initial_message=first_message,
+    )
     return stub.CreateWebChat(request, timeout=10)  # always set a deadline (seconds)
+
+
+def refresh_guest_token(
+    channel: grpc.Channel, access_token: str
+) -> webchat_pb2.RefreshGuestTokenResponse:
+    """A fresh token for the guest's conversation, before the old one expires (the browser's
+    ``tokenAboutToExpire``). No Twilio call: it needs no request_id."""
+    stub = webchat_pb2_grpc.WebChatServiceStub(channel)
+    request = webchat_pb2.RefreshGuestTokenRequest(access_token=access_token)
+    return stub.RefreshGuestToken(request, timeout=10)
 
 
 def error_details(error: grpc.RpcError) -> dict[str, Any]:
@@ -77,12 +95,24 @@ def main(argv: list[str]) -> int:
     target, address_sid = argv[1], argv[2]
     with connect(target) as channel:
         try:
-            reply = create_webchat(channel, address_sid, request_id=str(uuid.uuid4()))
+            created = create_webchat(
+                channel, address_sid, str(uuid.uuid4()), first_message="Hello, I need help"
+            )
+            # An empty initial_message_sid: the chat exists, but the first message was not posted.
+            refreshed = refresh_guest_token(channel, created.access_token)
         except grpc.RpcError as error:
             described = error_details(error)
             print(json.dumps({**described, "retryable": should_retry(described)}, indent=2))
             return 1
-    print(json.dumps(json_format.MessageToDict(reply, preserving_proto_field_name=True)))
+    replies = {"created": created, "refreshed": refreshed}
+    print(
+        json.dumps(
+            {
+                name: json_format.MessageToDict(reply, preserving_proto_field_name=True)
+                for name, reply in replies.items()
+            }
+        )
+    )
     return 0
 
 
