@@ -180,6 +180,8 @@ def test_docs_snippets_are_the_code_these_tests_run() -> None:
     assert {path for path, _ in snippets} == {
         "examples/python/create_webchat.py",
         "examples/node/create-webchat.js",
+        "examples/go/main.go",
+        "examples/java/CreateWebChat.java",
     }
     for path, code in snippets:
         assert code in (ROOT / path).read_text(), f"docs/clients.md: a snippet is not in {path}"
