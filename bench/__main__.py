@@ -16,6 +16,9 @@
    upstream; 1000 callers queued behind the 5/s limit beside a bare grpc.aio floor; CPU of a
    replay, a refusal and a token refresh; start to SERVING and RSS.
 10. Every performance target beside its measured value, from this run.
+11. A second caller's wait while a first caller floods the rate limit, with callers taking turns
+   and, beside it, with one caller for the facade (auth off: first come, first served), on one
+   replica and on two sharing Redis (``bench/fairness.py``).
 
 Prints tables; ``--json PATH`` also writes every number as JSON (``make bench`` writes
 bench/results.json). ``--only`` runs some sections. ``--before CHECKOUT`` adds, in sections 4 and
@@ -48,7 +51,7 @@ from flexwebchat.v1 import webchat_pb2, webchat_pb2_grpc
 from twilio.base.exceptions import TwilioRestException
 from twilio.rest import Client
 
-from bench import capacity, one_conversation
+from bench import capacity, fairness, one_conversation
 from bench.cpu import cpu_seconds
 from emulator.app import ACCOUNT_SID, AUTH_TOKEN
 from emulator.harness import (
@@ -379,6 +382,7 @@ SECTIONS = (  # --only
     "burst",
     "waiting",
     "cheap_calls",
+    "fairness",
 )
 
 
@@ -514,6 +518,10 @@ def main() -> None:
             capacity.print_start(starts)
         results["targets"] = capacity.targets(results)
         capacity.print_targets(results["targets"])
+        if "fairness" in args.only:
+            fairness.print_header()
+            results["fairness"] = fairness.rows(workdir)
+            fairness.print_footer()
     results["load_average_after"] = os.getloadavg()
     load = " ".join(f"{v:.2f}" for v in results["load_average_before"])
     print(f"   load average before the run: {load} ({results['cpus']} CPUs)")
