@@ -64,6 +64,12 @@ def test_a_flood_of_one_caller_leaves_another_callers_turn_one_slot_away(
         # First come, first served, this call's turn would be 7 s away: refused at once.
         reply = facade.stub.CreateWebChat(request(), metadata=OTHER, timeout=5)
         assert reply.conversation_sid.startswith("CH")
+        # A retry waiting on its caller's earlier call with the same request_id is answered
+        # when that call's turn comes, which is the caller's own, not after the flood.
+        same = request()
+        earlier = facade.stub.CreateWebChat.future(same, metadata=OTHER, timeout=60)
+        retry = facade.stub.CreateWebChat(same, metadata=OTHER, timeout=5)
+        assert retry.conversation_sid == earlier.result().conversation_sid
         # The flooder's own next call still queues behind its earlier ones.
         with pytest.raises(grpc.RpcError) as refused:
             facade.stub.CreateWebChat(request(), metadata=FLOODER, timeout=3)
