@@ -136,13 +136,13 @@ def test_the_java_example_still_retries_an_unavailable_after_many_bad_requests(
     assert [r["status"] for r in creates] == [503, 201], "retried by the channel, to success"
 
 
-@pytest.mark.xfail(
-    reason="the server still refuses streams queued at its advertised stream limit", strict=False
-)
 def test_the_java_example_bursts_300_calls_on_one_channel_without_a_refused_stream(
     guest_facade: FacadeProcess, tmp_path: Path
 ) -> None:
-    # grpc-java keeps to SETTINGS_MAX_CONCURRENT_STREAMS and queues the rest on the channel.
+    # grpc-java keeps to SETTINGS_MAX_CONCURRENT_STREAMS and queues the rest on the channel; a
+    # stream refused even so (RST_STREAM REFUSED_STREAM) it retries once, transparently, and the
+    # example counts those too. Refusals depend on timing: before the server counted a stream
+    # only while open, about one run in three saw some.
     code, report = run_caller(
         "java", guest_facade.target, ADDRESS_SID, "--burst", "300", cwd=tmp_path
     )
