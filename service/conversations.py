@@ -33,12 +33,18 @@ class ConversationsClient:
 
     async def find_conversation(self, identity: str, deadline: Deadline) -> str | None:
         """The SID of a conversation the guest ``identity`` is in, or None when Twilio knows no
-        such guest (404) or the guest is in none. A GET: every failure class may be retried."""
-        for entry in await self._user_conversations(identity, deadline) or []:
-            sid = entry.get("conversation_sid") if isinstance(entry, dict) else None
-            if isinstance(sid, str) and CONVERSATION_SID.fullmatch(sid):
-                return sid
-        return None
+        such guest (404) or the guest is in none. A GET: every failure class may be retried.
+        UnusableRead when the answer says neither: unknown is never "not found", which would let
+        a second chat be created."""
+        listed = await self._user_conversations(identity, deadline)
+        if listed is None:
+            raise UnusableRead("the user conversations are not a list")
+        sids = [
+            entry.get("conversation_sid") if isinstance(entry, dict) else None for entry in listed
+        ]
+        if not all(isinstance(sid, str) and CONVERSATION_SID.fullmatch(sid) for sid in sids):
+            raise UnusableRead("a user conversation without a conversation_sid")
+        return str(sids[0]) if sids else None
 
     async def conversation_state(
         self, identity: str, conversation_sid: str, deadline: Deadline

@@ -1,7 +1,8 @@
-"""One request_id, one conversation, even when the records go wrong: Redis flushed, restarted
-empty, evicting under maxmemory. Two replicas share one real redis-server, with the lookup on
-(conversations service set, identity left to the facade); each test counts what Twilio (the
-emulator) holds: conversations, and first messages posted into them.
+"""One request_id, one conversation, even when what the facade relies on goes wrong: Redis
+flushed, restarted empty, evicting under maxmemory; Twilio's lookup answering unusably. Two
+replicas share one real redis-server, with the lookup on (conversations service set, identity
+left to the facade); each test counts what Twilio (the emulator) holds: conversations, and first
+messages posted into them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from typing import Any
 import grpc
 import pytest
 import redis
-from conftest import EmulatorProcess, FacadeProcess, RedisProcess, start_redis, stop_process
+from conftest import (
+    EmulatorProcess,
+    FacadeProcess,
+    RedisProcess,
+    rich_status,
+    start_redis,
+    stop_process,
+)
 from flexwebchat.v1 import webchat_pb2
 
 from emulator.app import ACCOUNT_SID
@@ -22,6 +30,7 @@ from emulator.harness import guest_env
 
 FAST = {"FLEX_ATTEMPT_TIMEOUT_SECONDS": "0.5", "IDEMPOTENCY_LOCK_SECONDS": "1"}
 RECOVERED = 'flexwebchat_idempotency_total{outcome="recovered_by_lookup"}'
+CREATE, LOOKUP = "/v2/WebChats", "/v1/Services/"  # faults for one endpoint only
 
 
 @pytest.fixture
@@ -32,8 +41,8 @@ def replicas(
     return [make_facade(upstream.url, **env), make_facade(upstream.url, **env)]
 
 
-def record_key(request_id: str) -> str:
-    return f"flexwebchat:{ACCOUNT_SID.lower()}:idempotency:{request_id}"
+def record_key(request_id: str, kind: str = "idempotency") -> str:
+    return f"flexwebchat:{ACCOUNT_SID.lower()}:{kind}:{request_id}"
 
 
 def first_messages(upstream: EmulatorProcess, conversation_sid: str) -> int:
@@ -105,7 +114,7 @@ def test_a_lost_record_is_recovered_by_looking_not_by_creating_again(
 def test_an_answer_lost_to_the_callers_deadline_then_flushed_is_found(
     replicas: list[FacadeProcess], upstream: EmulatorProcess, redis_server: RedisProcess
 ) -> None:
-    upstream.fault({"path": "/v2/WebChats", "latency": 0.45})  # lands after the caller left
+    upstream.fault({"path": CREATE, "latency": 0.45})  # lands after the caller left
     request_id = str(uuid.uuid4())
     with pytest.raises(grpc.RpcError) as gave_up:
         replicas[0].create(request_id=request_id, initial_message="hello", timeout=0.35)
@@ -119,3 +128,46 @@ def test_an_answer_lost_to_the_callers_deadline_then_flushed_is_found(
     again = retry_until_answered(replicas[1], request_id)
     assert upstream.conversations() == {again.conversation_sid: again.identity}
     assert first_messages(upstream, again.conversation_sid) == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "not json",
+        "{}",
+        '{"conversations": "none"}',
+        '{"conversations": [{"chat_service_sid": "IS00000000000000000000000000000000"}]}',
+    ],
+    ids=["not json", "no conversations", "not a list", "no conversation_sid"],
+)
+def test_an_unusable_lookup_answer_is_unknown_never_not_found(
+    replicas: list[FacadeProcess], upstream: EmulatorProcess, redis_server: RedisProcess, body: str
+) -> None:
+    unusable = {"path": LOOKUP, "status": 200, "body": body}
+    # The create lands but its answer is lost; the lookups that follow answer unusably.
+    upstream.fault(
+        {"path": CREATE, "status": 502, "after": True}, {"path": LOOKUP}, unusable, unusable
+    )
+    request_id = str(uuid.uuid4())
+    with pytest.raises(grpc.RpcError) as unknown:
+        replicas[0].create(request_id=request_id, initial_message="hello", timeout=5)
+    status = rich_status(unknown.value)
+    assert status["code"] == grpc.StatusCode.UNAVAILABLE and "RetryInfo" in status
+    assert len(upstream.conversations()) == 1  # nothing created after the unusable answer
+    client = redis.Redis(port=redis_server.port)
+    assert client.exists(record_key(request_id, "sent"))  # kept: the next call looks first
+    assert not client.exists(record_key(request_id))  # the failure is not the id's outcome
+    again = retry_until_answered(replicas[1], request_id)  # until Twilio answers usably
+    assert upstream.conversations() == {again.conversation_sid: again.identity}
+    assert first_messages(upstream, again.conversation_sid) == 0  # may have been posted: none
+
+
+def test_an_empty_list_of_conversations_is_not_found(
+    replicas: list[FacadeProcess], upstream: EmulatorProcess
+) -> None:
+    empty = {"path": LOOKUP, "status": 200, "body": '{"conversations": []}'}
+    # Refused before creating anything; every lookup says the guest is in no conversation.
+    upstream.fault({"path": CREATE, "status": 502}, empty, empty, empty)
+    reply = replicas[0].create(request_id=str(uuid.uuid4()), timeout=5)
+    assert upstream.conversations() == {reply.conversation_sid: reply.identity}
+    assert [r["path"] for r in upstream.requests()].count(CREATE) == 2  # settled, then re-sent
