@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTO  := proto/flexwebchat/v1/webchat.proto
 
-.PHONY: run test lint breaking api-baseline proto bench system-deps example-deps examples go-example \
+.PHONY: run test check lint breaking api-baseline proto bench system-deps example-deps examples go-example \
   java-example clean
 
 $(STAMP): pyproject.toml
@@ -71,6 +71,16 @@ run: $(STAMP)
 
 test: $(STAMP) system-deps node_modules/.installed examples
 	$(BIN)/python -m pytest
+
+# The quick loop: lint and every test that needs no root and nothing from Debian's packages
+# (tests/conftest.py skips the others, one summary line per missing tool). Stops at the first
+# failure.
+check: $(STAMP) node_modules/.installed
+	node_modules/.bin/buf lint
+	$(BIN)/ruff check service emulator tests bench examples
+	$(BIN)/ruff format --check service emulator tests bench examples
+	$(BIN)/mypy
+	FLEXWEBCHAT_CHECK=1 $(BIN)/python -m pytest -x -q
 
 # buf (proto lint) comes from the npm registry, pinned in package-lock.json.
 node_modules/.installed: package.json package-lock.json

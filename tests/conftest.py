@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,41 @@ from emulator.harness import (  # noqa: F401 - re-exported for the tests
     start_redis,
     stop_process,
 )
+
+# The tools `make test` installs from Debian's packages (as root), each with its package.
+# `make check` (FLEXWEBCHAT_CHECK=1) runs without them: it skips what needs one, as does a run
+# where one is missing, with one summary line per tool.
+SYSTEM_TOOLS = {
+    "redis-server": "redis-server",
+    "podman": "podman, runc and debootstrap",
+    "promtool": "prometheus",
+    "go": "golang-go and Debian's grpc-go packages",
+    "javac": "default-jdk-headless and libgrpc-java",
+}
+QUICK = os.environ.get("FLEXWEBCHAT_CHECK") == "1"
+
+
+def needs(tool: str) -> None:
+    """Skips the calling test when ``tool`` is absent, or under ``make check``."""
+    if QUICK or shutil.which(tool) is None:
+        pytest.skip(f"needs {tool}: `make test` installs it (Debian: {SYSTEM_TOOLS[tool]})")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs(tool): runs a tool that `make test` installs")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # `make examples` builds the example callers from Debian's Go and Java packages.
+    for item in items:
+        if item.path.name == "test_examples.py":
+            item.add_marker(pytest.mark.needs("go", "javac"))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("needs"):
+        for tool in mark.args:
+            needs(tool)
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +115,7 @@ def facade(make_facade: Any, upstream: EmulatorProcess) -> FacadeProcess:
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisProcess]:
+    needs("redis-server")
     server = start_redis()
     yield server
     stop_process(server.proc)

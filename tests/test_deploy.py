@@ -367,7 +367,7 @@ def test_egress_is_dns_and_https_plus_what_the_components_need() -> None:
 PROMTOOL = shutil.which("promtool")
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (`make system-deps`)")
+@pytest.mark.needs("promtool")
 def test_alert_rules_pass_promtool_checks_and_unit_tests(tmp_path: Path) -> None:
     monitoring = K8S / "components/monitoring"
     rule = yaml.safe_load((monitoring / "prometheusrule.yaml").read_text())

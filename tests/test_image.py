@@ -31,10 +31,13 @@ IMAGE = "localhost/flexwebchat:test"
 SECRETS = "/var/run/secrets/flexwebchat"  # where the Deployment mounts the Secret
 
 missing = [tool for tool in ("podman", "runc", "debootstrap") if shutil.which(tool) is None]
-pytestmark = pytest.mark.skipif(
-    bool(missing),
-    reason=f"{', '.join(missing)} not installed (`make system-deps` installs them, as root)",
-)
+pytestmark = [
+    pytest.mark.needs("podman"),
+    pytest.mark.skipif(
+        bool(missing),
+        reason=f"{', '.join(missing)} not installed (`make system-deps` installs them, as root)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,8 @@ SERVICE = "flexwebchat.v1.WebChatService"
 
 RATE, BURST = 5, 1
 
+pytestmark = pytest.mark.needs("redis-server")
+
 
 def burst(facades: list[FacadeProcess], count: int, timeout: float = 20) -> list:
     def call(i: int):
