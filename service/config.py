@@ -79,6 +79,7 @@ class Settings:
     # Server
     grpc_host: str = "[::]"
     grpc_port: int = 50051
+    metrics_host: str = "[::]"  # METRICS_HOST, else GRPC_HOST
     metrics_port: int = 9464
     health_port: int = 0
     log_level: str = "INFO"
@@ -141,6 +142,9 @@ class Settings:
             redis_url=_redis_url(reader.secret("REDIS_URL")),
             grpc_host=_bracketed(reader.text("GRPC_HOST") or "[::]"),
             grpc_port=reader.port("GRPC_PORT", 50051),
+            metrics_host=_bracketed(
+                reader.text("METRICS_HOST") or reader.text("GRPC_HOST") or "[::]"
+            ),
             metrics_port=reader.port("METRICS_PORT", 9464),
             health_port=reader.port("HEALTH_PORT", 0),
             log_level=reader.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),

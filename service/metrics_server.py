@@ -1,74 +1,127 @@
-"""The Prometheus ``/metrics`` endpoint, served by a few threads with a timeout per connection.
+"""The Prometheus ``/metrics`` endpoint: one small HTTP server on an event loop of its own thread.
 
-prometheus_client's own server starts a thread per connection and never times one out, so idle
-connections pile up threads without bound. Here at most ``WORKERS`` threads serve, a connection
-that says nothing for ``TIMEOUT_SECONDS`` is closed, and connections beyond ``WORKERS +
-BACKLOG`` at once are closed unanswered (a scraper retries at its next interval).
+Every connection gets ``DEADLINE_SECONDS`` from its accept to send its request and receive the
+answer, whatever it does meanwhile, so clients that trickle a byte now and then cannot hold the
+server (a timeout per read would restart with each byte). Waiting connections cost a socket
+each, no thread; past ``MAX_CONNECTIONS`` at once the oldest is closed, so a new scrape, which
+sends its request at once and is answered in milliseconds, always gets in. One request per
+connection (``Connection: close``), as Prometheus scrapes.
 """
 
 from __future__ import annotations
 
-import socket
+import asyncio
+import contextlib
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+from concurrent.futures import Future
 
-from prometheus_client import make_wsgi_app
+from prometheus_client import REGISTRY
+from prometheus_client.exposition import choose_encoder
 
-WORKERS = 4
-BACKLOG = 4
-TIMEOUT_SECONDS = 5.0
-
-
-class _Handler(WSGIRequestHandler):
-    timeout = TIMEOUT_SECONDS  # applied to the socket by StreamRequestHandler.setup
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return None  # the RPC log is the log; scrapes are not news
+DEADLINE_SECONDS = 5.0
+MAX_CONNECTIONS = 64
+MAX_HEAD_BYTES = 8192
 
 
-class MetricsServer(WSGIServer):
-    address_family = socket.AF_INET6 if socket.has_dualstack_ipv6() else socket.AF_INET
+class MetricsServer:
+    def __init__(self, host: str, port: int) -> None:
+        self._host, self._port = host, port
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.Server | None = None
+        self._open: dict[asyncio.StreamWriter, None] = {}  # oldest first
+        self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
 
-    def __init__(self, port: int) -> None:
-        host = "::" if self.address_family == socket.AF_INET6 else "0.0.0.0"
-        super().__init__((host, port), _Handler)
-        self.set_app(make_wsgi_app())
-        self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="metrics")
-        self._admitted = threading.BoundedSemaphore(WORKERS + BACKLOG)
-
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._admitted.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
-        self._pool.submit(self._serve, request, client_address)
-
-    def _serve(self, request: Any, client_address: Any) -> None:
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
-            self._admitted.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        return None  # a client that timed out or went away; nothing to report
+    def start(self) -> None:
+        """Listens, or raises the OSError that prevented it."""
+        started: Future[None] = Future()
+        self._thread.start()
+        self._loop.call_soon_threadsafe(self._loop.create_task, self._listen(started))
+        started.result()
 
     def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(timeout=5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._open:
+            writer.transport.abort()
+        current = asyncio.current_task()
+        others = [task for task in asyncio.all_tasks() if task is not current]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+
+    async def _listen(self, started: Future[None]) -> None:
+        try:
+            self._server = await asyncio.start_server(
+                self._serve, self._host, self._port, limit=MAX_HEAD_BYTES
+            )
+        except OSError as exc:
+            started.set_exception(exc)
+            self._loop.stop()
+            return
+        started.set_result(None)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open[writer] = None
+        if len(self._open) > MAX_CONNECTIONS:
+            oldest = next(iter(self._open))
+            del self._open[oldest]
+            oldest.transport.abort()
+        try:
+            # The whole exchange, closing included: closing waits for the answer to be read.
+            async with asyncio.timeout(DEADLINE_SECONDS):
+                head = await reader.readuntil(b"\r\n\r\n")
+                writer.write(_answer(head))
+                await writer.drain()
+                writer.close()
+                await writer.wait_closed()
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # too slow, gone, or not HTTP: nothing to report
+        finally:
+            self._open.pop(writer, None)
+            writer.transport.abort()
 
 
-def start_metrics_server(port: int) -> MetricsServer:
-    """Serves /metrics on ``port`` (all interfaces) from a daemon thread; OSError if taken."""
-    server = MetricsServer(port)
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+def _answer(head: bytes) -> bytes:
+    """The whole HTTP response to a request head: the metrics for any GET or HEAD."""
+    request_line, *header_lines = head.decode("latin-1").split("\r\n")
+    method = request_line.split(" ", 1)[0]
+    if method not in ("GET", "HEAD"):
+        return _response("405 Method Not Allowed", "text/plain", b"GET only\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    encoder, content_type = choose_encoder(headers.get("accept", ""))
+    body = encoder(REGISTRY)
+    return _response("200 OK", content_type, b"" if method == "HEAD" else body, len(body))
+
+
+def _response(status: str, content_type: str, body: bytes, length: int | None = None) -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body) if length is None else length}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+def start_metrics_server(host: str, port: int) -> MetricsServer:
+    """Serves /metrics on ``host`` (brackets allowed; ``::`` means every interface) and ``port``
+    from a daemon thread; OSError when it cannot listen there."""
+    host = host.strip("[]")
+    server = MetricsServer("" if host in ("::", "") else host, port)
+    server.start()
     return server

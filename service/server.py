@@ -103,9 +103,12 @@ class Facade:
         metrics = None
         if settings.metrics_port:
             try:
-                metrics = start_metrics_server(settings.metrics_port)
+                metrics = start_metrics_server(settings.metrics_host, settings.metrics_port)
             except OSError as exc:
-                raise ConfigError(f"METRICS_PORT={settings.metrics_port}: {exc.strerror}") from None
+                where = (
+                    f"METRICS_PORT={settings.metrics_port} on METRICS_HOST={settings.metrics_host}"
+                )
+                raise ConfigError(f"{where}: {exc.strerror}") from None
         port = _listen(server, "GRPC_PORT", settings.grpc_host, settings.grpc_port, credentials)
         if warden is not None:
             warden.ports.add(port)
@@ -149,6 +152,7 @@ class Facade:
                     "tls": "mutual" if settings.tls_client_ca_file else bool(credentials),
                     "caller_tokens": tokens is not None,
                     "health_port": settings.health_port or None,
+                    "metrics_host": settings.metrics_host if settings.metrics_port else None,
                     "metrics_port": settings.metrics_port or None,
                     "upstream": settings.base_url,
                     "guest_tokens": settings.tokens_enabled,
