@@ -114,6 +114,32 @@ async def test_a_call_is_admitted_by_its_own_place_not_the_queue_length() -> Non
     assert lim.queued == 0
 
 
+async def test_admission_counts_the_callers_waiting_on_other_replicas() -> None:
+    """With callers waiting elsewhere too, this replica gets a slot only at its callers' turns:
+    a place one slot away here is further in time, and admission says so."""
+
+    async def second_caller_with(contenders: int) -> bool:
+        schedule = LocalSchedule(5, 1)
+        schedule.contenders = contenders  # as a shared schedule reports it
+        lim = RateLimiter(schedule, schedule.gcra.interval)
+        await lim.acquire(Deadline.after(10), caller="a")
+        flood = [asyncio.create_task(lim.acquire(Deadline.after(10), caller="a")) for _ in range(2)]
+        await asyncio.sleep(0)  # the head has asked: its slot is 0.21 s away
+        try:
+            # Place 1: 0.42 s away alone; 0.63 s with two more callers waiting elsewhere.
+            await lim.acquire(Deadline.after(0.55), caller="b")
+            return True
+        except RateLimitExceeded:
+            return False
+        finally:
+            for task in flood:
+                task.cancel()
+            await asyncio.gather(*flood, return_exceptions=True)
+
+    assert await second_caller_with(contenders=0)
+    assert not await second_caller_with(contenders=4)
+
+
 async def test_a_turn_beyond_the_deadline_is_refused_at_once_without_queueing() -> None:
     lim = limiter(rate=5)
     queued = [asyncio.create_task(lim.acquire(Deadline.after(10))) for _ in range(5)]
