@@ -12,13 +12,14 @@ does not draw on the WebChats rate budget: that limit is the webchat orchestrato
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
 from .config import Settings
 from .deadline import Deadline
 from .errors import UnusableRead, UpstreamBadResponse, UpstreamError
-from .flex import CONVERSATION_SID
+from .flex import CONVERSATION_SID, WebChat
 from .upstream import TwilioHttp, UpstreamRequest, json_object
 
 MESSAGE_SID = re.compile(r"IM[0-9a-fA-F]{32}")
@@ -31,11 +32,11 @@ class ConversationsClient:
         self._base = settings.conversations_url
         self._service_sid = settings.conversations_service_sid
 
-    async def find_conversation(self, identity: str, deadline: Deadline) -> str | None:
-        """The SID of a conversation the guest ``identity`` is in, or None when Twilio knows no
-        such guest (404) or the guest is in none. A GET: every failure class may be retried.
-        UnusableRead when the answer says neither: unknown is never "not found", which would let
-        a second chat be created."""
+    async def find_conversation(self, identity: str, deadline: Deadline) -> WebChat | None:
+        """A conversation the guest ``identity`` is in (with its creation time when Twilio says),
+        or None when Twilio knows no such guest (404) or the guest is in none. A GET: every
+        failure class may be retried. UnusableRead when the answer says neither: unknown is
+        never "not found", which would let a second chat be created."""
         listed = await self._user_conversations(identity, deadline)
         if listed is None:
             raise UnusableRead("the user conversations are not a list")
@@ -44,7 +45,9 @@ class ConversationsClient:
         ]
         if not all(isinstance(sid, str) and CONVERSATION_SID.fullmatch(sid) for sid in sids):
             raise UnusableRead("a user conversation without a conversation_sid")
-        return str(sids[0]) if sids else None
+        if not sids:
+            return None
+        return WebChat(str(sids[0]), identity, _unix_time(listed[0].get("date_created")))
 
     async def conversation_state(
         self, identity: str, conversation_sid: str, deadline: Deadline
@@ -106,3 +109,11 @@ class ConversationsClient:
         if not isinstance(sid, str) or not MESSAGE_SID.fullmatch(sid):
             raise UpstreamBadResponse(response.status_code, "message sid is not IM + 32 hex")
         return sid
+
+
+def _unix_time(iso: object) -> float | None:
+    """Twilio's ``2026-12-06T21:30:37Z``, as unix seconds; None when absent or unreadable."""
+    try:
+        return datetime.fromisoformat(str(iso)).timestamp() if iso else None
+    except ValueError:
+        return None

@@ -117,21 +117,21 @@ class FindOrCreate:
         """The chat of an id that has neither record nor sent mark. Their absence proves nothing
         (a flushed, evicted or restarted Redis, or a failover, leaves no trace), so Twilio is
         asked before a first create; a chat found means the id's record was lost."""
-        sid = await self._conversations.find_conversation(identity, deadline)
-        if sid is None:
+        chat = await self._conversations.find_conversation(identity, deadline)
+        if chat is None:
             return None
         obs.child(obs.IDEMPOTENCY, "recovered_by_lookup").inc()
         log.warning(
             "a request_id without a record already has a conversation: its record was lost "
             "(Redis flushed, restarted without persistence, evicted or failed over); replayed it",
-            extra={"fields": {"conversation_sid": sid}},
+            extra={"fields": {"conversation_sid": chat.conversation_sid}},
         )
-        return WebChat(conversation_sid=sid, identity=identity)
+        return chat
 
     async def _find(self, identity: str, deadline: Deadline, sent_at: float) -> WebChat | None:
         """The guest's chat, or None once no request sent at ``sent_at`` can still create it."""
-        sid = await self._conversations.find_conversation(identity, deadline)
-        if sid is None:
+        chat = await self._conversations.find_conversation(identity, deadline)
+        if chat is None:
             settle = sent_at + SETTLE_TIMEOUTS * self._settings.attempt_timeout - time.time()
             if settle > 0:
                 if settle >= deadline.remaining():
@@ -143,5 +143,5 @@ class FindOrCreate:
                     failure.retry_after = settle
                     raise failure
                 await asyncio.sleep(settle)
-                sid = await self._conversations.find_conversation(identity, deadline)
-        return None if sid is None else WebChat(conversation_sid=sid, identity=identity)
+                chat = await self._conversations.find_conversation(identity, deadline)
+        return chat

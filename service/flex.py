@@ -29,6 +29,8 @@ CONVERSATION_SID = re.compile(r"CH[0-9a-fA-F]{32}")
 class WebChat:
     conversation_sid: str
     identity: str
+    # When Twilio created it (unix seconds), for a chat found rather than just created.
+    created_at: float | None = None
 
 
 class FlexClient:

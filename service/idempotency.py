@@ -89,6 +89,15 @@ class RecordBackend(Protocol):
     async def close(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Produced:
+    """What ``work`` may return instead of bare bytes, to say when its outcome came about (a
+    conversation found at Twilio was created before this execution)."""
+
+    payload: bytes
+    at: float  # unix seconds
+
+
 class Outcome(Exception):
     """A stored failure, raised from ``work`` to have it recorded; ``payload`` is replayed."""
 
@@ -155,13 +164,19 @@ class IdempotencyStore:
         obs.current_rpc().idempotency = "executed"
         return mine
 
-    async def execute(self, key: str, mine: Record, work: Callable[[], Awaitable[bytes]]) -> Record:
+    async def execute(
+        self, key: str, mine: Record, work: Callable[[], Awaitable[bytes | Produced]]
+    ) -> Record:
         """Runs ``work`` for the id ``claim`` gave this call, and stores its outcome; on a
         transient failure or cancellation the id is freed for a retry."""
         heartbeat = asyncio.create_task(self._heartbeat(key, mine.owner))
         try:
-            payload = await work()
-            final = replace(mine, done=True, ok=True, payload=payload, completed_at=time.time())
+            produced = await work()
+            if isinstance(produced, bytes):
+                produced = Produced(produced, time.time())
+            final = replace(
+                mine, done=True, ok=True, payload=produced.payload, completed_at=produced.at
+            )
         except Outcome as outcome:
             final = replace(
                 mine, done=True, ok=False, payload=outcome.payload, completed_at=time.time()

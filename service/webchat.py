@@ -34,7 +34,7 @@ from .errors import (
 from .execution import Executions
 from .find_or_create import FindOrCreate
 from .flex import FlexClient, WebChat
-from .idempotency import IdempotencyStore, Outcome, is_stored_failure
+from .idempotency import IdempotencyStore, Outcome, Produced, is_stored_failure
 from .identities import check_identity
 from .params import WebChatParams
 from .ratelimit import CallerQuota
@@ -151,7 +151,7 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
 
         key = record_key(request.request_id, obs.current_rpc().caller)
 
-        async def work() -> bytes:
+        async def work() -> bytes | Produced:
             try:
                 if self._find_or_create.applies(params):
                     chat, fresh = await self._find_or_create.create(
@@ -161,6 +161,9 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
                     response = await self._respond(
                         chat, params, deadline, post_message=fresh, recorded=True
                     )
+                    if chat.created_at is not None:  # found: its guest session began back then
+                        created = min(chat.created_at, time.time())
+                        return Produced(response.SerializeToString(), created)
                 else:
                     # The caller gets one answer per id whatever we retry, so an ambiguous
                     # failure may be retried; see docs/idempotency.md.

@@ -236,3 +236,22 @@ def test_a_stored_session_start_cannot_be_moved_later_in_redis(
     assert status["code"] == grpc.StatusCode.FAILED_PRECONDITION
     assert status["ErrorInfo"].reason == "TOKEN_EXPIRED"
     assert len([r for r in upstream.requests() if r["path"] == "/v2/WebChats"]) == 1
+
+
+def test_a_replay_after_the_record_was_lost_keeps_the_conversations_creation_as_start(
+    make_facade: Any, upstream: EmulatorProcess, redis_server: Any
+) -> None:
+    """Losing the record (Redis flushed) must not restart the session: the replay finds the
+    conversation at Twilio, and the session starts at its creation as Twilio reports it."""
+    facade = start(make_facade, upstream, None, REDIS_URL=redis_server.url)
+    request_id = str(uuid.uuid4())
+    request = webchat_pb2.CreateWebChatRequest(address_sid="IG" + "0" * 32, request_id=request_id)
+    first = facade.stub.CreateWebChat(request, timeout=10)
+    created_by = int(time.time())
+    time.sleep(1.1)  # so that a session starting at the replay would end later
+    Redis(host="127.0.0.1", port=redis_server.port).flushall()
+
+    replay = create(facade, request_id=request_id)
+    assert replay.conversation_sid == first.conversation_sid
+    assert claims(replay.access_token)["fwc_session"]["start"] <= created_by
+    assert replay.session_expires_at.seconds <= created_by + 86400
