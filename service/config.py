@@ -91,6 +91,7 @@ class Settings:
     max_message_bytes: int = 64 * 1024
     max_connection_age: float = 300.0
     max_connections: int = 1000
+    max_connections_per_caller: int = 100  # with caller auth on
     max_connection_idle: float = 120.0
     unauthenticated_connection_grace: float = 10.0
     max_unauthenticated_per_peer: int = 16
@@ -158,6 +159,9 @@ class Settings:
             max_message_bytes=reader.integer("GRPC_MAX_MESSAGE_BYTES", 65536, minimum=1024),
             max_connection_age=reader.number("GRPC_MAX_CONNECTION_AGE_SECONDS", 300.0, minimum=0),
             max_connections=reader.integer("GRPC_MAX_CONNECTIONS", 1000, minimum=1),
+            max_connections_per_caller=reader.integer(
+                "GRPC_MAX_CONNECTIONS_PER_CALLER", 100, minimum=1
+            ),
             max_connection_idle=reader.number(
                 "GRPC_MAX_CONNECTION_IDLE_SECONDS", 120.0, minimum=1.0
             ),

@@ -1,4 +1,5 @@
-"""Connections that never authenticate do not keep their place under ``GRPC_MAX_CONNECTIONS``.
+"""Connections that never authenticate do not keep their place under ``GRPC_MAX_CONNECTIONS``,
+and no caller holds more than its share of it.
 
 gRPC counts every connection against the cap before anything is authenticated, and any call
 (a health Check, a refused call without a token) keeps a connection from ever being idle. So a
@@ -6,14 +7,19 @@ client without a token could hold every slot with a ping now and then, and lock 
 clients out for good. With caller authentication on, the facade therefore closes, once a second:
 
 * connections that have made no authenticated call within
-  ``GRPC_UNAUTHENTICATED_CONNECTION_SECONDS`` of being first seen, and
+  ``GRPC_UNAUTHENTICATED_CONNECTION_SECONDS`` of being first seen;
 * one peer address's unauthenticated connections beyond
   ``GRPC_MAX_UNAUTHENTICATED_CONNECTIONS_PER_PEER``, oldest first (a new connection keeps its
-  chance to authenticate).
+  chance to authenticate);
+* a caller's idle connections beyond ``GRPC_MAX_CONNECTIONS_PER_CALLER``, oldest first (a
+  connection belongs to its first authenticated caller); and
+* while callers' connections leave less than a tenth of ``GRPC_MAX_CONNECTIONS`` free, the oldest
+  idle connection of the caller holding the most: gRPC refuses a connection at accept, before
+  anyone knows whose it is, so a caller not yet connected gets in only if room is kept for it.
 
-A connection with an authenticated call in progress, or that has made one as a caller still
-allowed, is never closed here, so no call that could have reached Twilio is ever cut; once none
-of a connection's callers has been allowed for the grace (revoked), it loses its standing. The
+A connection with an authenticated call in progress is never closed here, so no call that could
+have reached Twilio is ever cut; past those two shares, one that has made an authenticated call
+keeps its standing until none of its callers has been allowed for the grace (revoked). The
 health port (``HEALTH_PORT``) has no callers to authenticate, whether caller authentication is on
 or not: there every connection lives at most the grace (the kubelet opens one per probe, so a
 health ``Watch`` belongs on the gRPC port).
@@ -55,9 +61,10 @@ LISTEN = "0A"  # the state column of a listening socket
 
 @dataclass
 class _Mark:
-    """A connection that made authenticated calls: as whom, when last, how many now, and since
-    when none of its callers is allowed any more."""
+    """A connection that made authenticated calls: whose it is (its first caller), as whom,
+    when last, how many now, and since when none of its callers is allowed any more."""
 
+    owner: str
     callers: set[str]
     at: float
     in_flight: int = 0
@@ -76,6 +83,7 @@ class UnauthenticatedConnections:
         interval: float = 1.0,
         callers: Callable[[], Container[str]] | None = None,
         listener: str = "grpc",
+        shares: ConnectionShares | None = None,
     ) -> None:
         self.ports = ports  # the listening ports, once listening
         self._listener = listener  # the metrics' label: "grpc", or "health" (no caller auth)
@@ -83,6 +91,7 @@ class UnauthenticatedConnections:
         self._per_peer = per_peer
         self._interval = interval
         self._callers = callers
+        self._shares = shares
         self._first_seen: dict[Peer, float] = {}
         self._marks: dict[Peer, _Mark] = {}
 
@@ -98,7 +107,7 @@ class UnauthenticatedConnections:
             return None
         mark = self._marks.get(address)
         if mark is None:
-            mark = self._marks[address] = _Mark(set(), time.monotonic())
+            mark = self._marks[address] = _Mark(caller, set(), time.monotonic())
         mark.callers.add(caller)
         mark.at = time.monotonic()
         mark.in_flight += 1
@@ -143,7 +152,36 @@ class UnauthenticatedConnections:
         for peers in by_host.values():
             for peer in peers[: max(len(peers) - self._per_peer, 0)]:
                 close[peer] = "per_peer"
+        if self._shares is not None:
+            callers_live = [p for p in live if p in standing]
+            close.update(self._over_shares(self._shares, callers_live))
         return close, len(waiting)
+
+    def _over_shares(self, shares: ConnectionShares, live: list[Peer]) -> dict[Peer, str]:
+        """Callers' idle connections past their share, then past the room kept for newcomers."""
+        held: dict[str, int] = defaultdict(int)  # connections by owner
+        idle: dict[str, list[Peer]] = defaultdict(list)  # idle ones by owner, oldest first
+        for peer in sorted(live, key=self._first_seen.__getitem__):
+            mark = self._marks[peer]
+            held[mark.owner] += 1
+            if mark.in_flight == 0:
+                idle[mark.owner].append(peer)
+        close: dict[Peer, str] = {}
+        for owner, count in held.items():
+            excess = max(count - shares.per_caller, 0)
+            closing, idle[owner] = idle[owner][:excess], idle[owner][excess:]
+            close.update(dict.fromkeys(closing, "per_caller"))
+            held[owner] -= len(closing)
+        left = sum(held.values())
+        while left > shares.callers_room:
+            holders = [owner for owner in held if idle[owner]]
+            if not holders:
+                break  # every connection past the room has a call in progress
+            owner = max(holders, key=held.__getitem__)
+            close[idle[owner].pop(0)] = "headroom"
+            held[owner] -= 1
+            left -= 1
+        return close
 
     def _stands(self, mark: _Mark, allowed: Container[str] | None, now: float) -> bool:
         """A revoked caller's connection keeps its standing for the grace, so that a tokens
@@ -165,24 +203,52 @@ class UnauthenticatedConnections:
         assert read_at is not None
         close, waiting = self.to_close(now, live, read_at)
         closed = _shut_down({live[peer] for peer in close})
+        by_reason: dict[str, int] = defaultdict(int)
+        owners: set[str] = set()
         for peer, reason in close.items():
             if live[peer] in closed:
+                by_reason[reason] += 1
                 obs.child(obs.CONNECTIONS_CLOSED, self._listener, reason).inc()
+                if reason in ("per_caller", "headroom"):
+                    owners.add(self._marks[peer].owner)
+        strangers = by_reason["unauthenticated"] + by_reason["per_peer"]
         gauge = obs.GRPC_CONNECTIONS
-        obs.child(gauge, self._listener, "authenticated").set(len(live) - waiting)
-        obs.child(gauge, self._listener, "unauthenticated").set(waiting - len(closed))
-        if closed:
+        authenticated = len(live) - waiting - (len(closed) - strangers)
+        obs.child(gauge, self._listener, "authenticated").set(authenticated)
+        obs.child(gauge, self._listener, "unauthenticated").set(waiting - strangers)
+        fields = {"listener": self._listener, "open": len(live) - len(closed)}
+        if strangers:
             log.warning(
                 "closed connections that did not authenticate",
+                extra={"fields": {**fields, "closed": strangers}},
+            )
+        if len(closed) > strangers:
+            log.warning(
+                "closed idle connections of callers past their share",
                 extra={
                     "fields": {
-                        "listener": self._listener,
-                        "closed": len(closed),
-                        "open": len(live) - len(closed),
+                        **fields,
+                        "closed": len(closed) - strangers,
+                        "callers": sorted(owners),
+                        "past_share": by_reason["per_caller"],
+                        "for_newcomers": by_reason["headroom"],
                     }
                 },
             )
         return len(closed)
+
+
+@dataclass(frozen=True)
+class ConnectionShares:
+    """How many connections one caller may hold, and how many all callers' may fill: the rest of
+    ``GRPC_MAX_CONNECTIONS`` stays free for a caller not yet connected."""
+
+    per_caller: int
+    max_connections: int
+
+    @property
+    def callers_room(self) -> int:
+        return self.max_connections - max(self.max_connections // 10, 1)
 
 
 def _connections(ports: set[int]) -> dict[Peer, int]:

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from . import tracing
 from .auth import CallerTokens, server_credentials
 from .config import ConfigError, Settings
-from .connections import UnauthenticatedConnections
+from .connections import ConnectionShares, UnauthenticatedConnections
 from .conversations import ConversationsClient
 from .flex import FlexClient
 from .idempotency import IdempotencyStore, LocalRecords, RecordBackend
@@ -87,8 +87,10 @@ class Facade:
         )
         sweeps: list[UnauthenticatedConnections] = []
         warden = None
-        if tokens is not None or settings.tls_client_names:
-            warden = _sweep(settings, "grpc", tokens.names if tokens is not None else None)
+        if settings.caller_auth:
+            shares = ConnectionShares(settings.max_connections_per_caller, settings.max_connections)
+            callers = tokens.names if tokens is not None else None
+            warden = _sweep(settings, "grpc", callers, shares=shares)
             sweeps.append(warden)
         # No maximum_concurrent_rpcs: the interceptor enforces the limit after authentication,
         # and logs and counts its refusals.
@@ -259,6 +261,7 @@ def _sweep(
     listener: str,
     callers: Callable[[], frozenset[str]] | None,
     port: int | None = None,
+    shares: ConnectionShares | None = None,
 ) -> UnauthenticatedConnections:
     return UnauthenticatedConnections(
         set() if port is None else {port},
@@ -266,6 +269,7 @@ def _sweep(
         settings.max_unauthenticated_per_peer,
         callers=callers,
         listener=listener,
+        shares=shares,
     )
 
 

@@ -181,3 +181,102 @@ def test_a_client_within_the_advertised_streams_is_never_refused(
     assert outcomes.count(("0", "")) + refused == 600
     labels = 'caller="billing",code="RESOURCE_EXHAUSTED",method="CreateWebChat"'
     assert facade.metric(f"flexwebchat_rpcs_total{{{labels}}}") == refused
+
+
+def test_a_caller_past_its_connections_loses_its_oldest_idle_ones_first() -> None:
+    """The sweep's decisions: billing holds four connections with a share of two; its two oldest
+    idle ones are closed (one older is busy: kept), support's one is not. A connection is its
+    first caller's, whoever calls on it later."""
+    from service.connections import ConnectionShares, UnauthenticatedConnections
+
+    sweep = UnauthenticatedConnections(
+        set(), grace=1.0, per_peer=8, shares=ConnectionShares(per_caller=2, max_connections=100)
+    )
+    owners = {1: "billing", 2: "billing", 3: "billing", 4: "support", 5: "billing"}
+    marks = {}
+    start = time.monotonic()
+    live: dict[tuple[str, int], int] = {}
+    for port, owner in owners.items():  # one a second: port 1 is the oldest
+        marks[port] = sweep.call_started(f"ipv4:10.0.0.7:{port}", owner)
+        later = sweep.call_started(f"ipv4:10.0.0.7:{port}", "support")  # not the owner
+        sweep.call_ended(later)
+        live[("10.0.0.7", port)] = port
+        sweep.to_close(start + port, live, start + port)
+    for port, mark in marks.items():
+        if port != 1:  # port 1's call is still running
+            sweep.call_ended(mark)
+    close, _ = sweep.to_close(start + 10, live, start + 10)
+    assert close == {("10.0.0.7", 2): "per_caller", ("10.0.0.7", 3): "per_caller"}
+
+
+def test_room_is_kept_for_a_caller_not_yet_connected() -> None:
+    """Callers' connections may fill nine tenths of GRPC_MAX_CONNECTIONS: past that, the oldest
+    idle connection of the caller holding the most is closed, one at a time."""
+    from service.connections import ConnectionShares, UnauthenticatedConnections
+
+    sweep = UnauthenticatedConnections(
+        set(), grace=1.0, per_peer=8, shares=ConnectionShares(per_caller=100, max_connections=10)
+    )
+    start = time.monotonic()
+    live: dict[tuple[str, int], int] = {}
+    for port in range(1, 11):  # billing 1-7, support 8-10: all ten slots
+        caller = "billing" if port <= 7 else "support"
+        sweep.call_ended(sweep.call_started(f"ipv4:10.0.0.7:{port}", caller))
+        live[("10.0.0.7", port)] = port
+        sweep.to_close(start + port, live, start + port)
+    close, _ = sweep.to_close(start + 20, live, start + 20)
+    assert close == {("10.0.0.7", 1): "headroom"}
+
+
+def _connect_each(target: str, count: int, metadata: Any) -> list[grpc.Channel]:
+    """``count`` channels, each on a connection of its own, each having made one cheap
+    authenticated call (a refresh of a token the facade cannot verify: no upstream)."""
+    channels = []
+    for _ in range(count):
+        channel = grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        refresh = channel.unary_unary("/flexwebchat.v1.WebChatService/RefreshGuestToken")
+        with pytest.raises(grpc.RpcError) as caught:
+            refresh(b"", metadata=metadata, timeout=10, wait_for_ready=True)
+        assert caught.value.code() != grpc.StatusCode.DEADLINE_EXCEEDED
+        channels.append(channel)
+    return channels
+
+
+def _newcomer_served(facade: Any, metadata: Any) -> bool:
+    channel = grpc.insecure_channel(facade.target, options=[("grpc.use_local_subchannel_pool", 1)])
+    try:
+        create = channel.unary_unary(CREATE)
+        create(REQUEST.SerializeToString(), metadata=metadata, timeout=8, wait_for_ready=True)
+        return True
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        return False
+    finally:
+        channel.close()
+
+
+@pytest.mark.parametrize(
+    ("per_caller", "reason"), [("4", "per_caller"), ("100", "headroom")], ids=["share", "room"]
+)
+def test_one_caller_cannot_fill_the_replicas_connections(
+    make_facade: Any, tmp_path: Path, upstream: EmulatorProcess, per_caller: str, reason: str
+) -> None:
+    """billing opens every connection the replica accepts, each idle after one call. Past its
+    share (or, within it, past the room kept for newcomers) its oldest idle connections are
+    closed, so support, connecting later, gets in."""
+    facade = two_callers(
+        make_facade,
+        tmp_path,
+        upstream.url,
+        GRPC_MAX_CONNECTIONS="20",
+        GRPC_MAX_CONNECTIONS_PER_CALLER=per_caller,
+    )
+    billing = _connect_each(facade.target, 20, BILLING)
+    try:
+        assert _newcomer_served(facade, SUPPORT)
+    finally:
+        for channel in billing:
+            channel.close()
+    closed = f'flexwebchat_connections_closed_total{{listener="grpc",reason="{reason}"}}'
+    assert facade.metric(closed) >= (16 if reason == "per_caller" else 2)
+    assert "closed idle connections of callers past their share" in facade.logs()
