@@ -33,7 +33,7 @@ class Execution:
 
     def __init__(self) -> None:
         self.abandoned = False
-        self.last_sent_at = 0.0  # wall time the latest request started to leave; 0: none yet
+        self.last_sent_at = 0.0  # monotonic time the latest request started to leave; 0: none
         # Awaited just before a request may leave (e.g. to note it in the shared records).
         self.before_send: Callable[[], Awaitable[None]] | None = None
 

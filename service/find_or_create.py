@@ -15,9 +15,11 @@ the guest's conversations in the Flex conversations service
   and only then re-sends. When the deadline cannot wait that long, the call fails UNAVAILABLE with a
   RetryInfo saying when a retry can settle it.
 
-Just before each create request may leave, the id is marked in the records (``mark_sent``, with
-the time), so that an execution that leaves no stored outcome makes the next one, on any replica,
-start by looking and waiting for the earlier request to settle. An id with neither a record nor a
+Just before each create request may leave, the id is marked in the records (``mark_sent``), so
+that an execution that leaves no stored outcome makes the next one, on any replica, start by
+looking and waiting for the earlier request to settle. The mark's age is read on the records'
+clock (Redis's with REDIS_URL, one for every replica), never compared with a replica's own wall
+clock, which may be skewed against the others'. An id with neither a record nor a
 mark is looked up too before its first create: records can be lost (Redis flushed, restarted
 without persistence, evicted, failed over to a replica that missed the last writes), and a chat
 found then is replayed without its first message, which the lost execution may have posted.
@@ -79,7 +81,7 @@ class FindOrCreate:
     ) -> tuple[WebChat, bool]:
         """The chat for ``key``, and whether this execution created it (False: found)."""
         params = replace(params, identity=self.identity(key))
-        earlier = await self._records.sent_by(key)
+        earlier = await self._records.sent_ago(key)
         if earlier is not None:
             found = await self._find(params.identity, deadline, earlier)
             if found is not None:
@@ -91,7 +93,7 @@ class FindOrCreate:
         work = execution.current()
 
         async def note_sending() -> None:
-            await self._records.mark_sent(key, time.time(), self._settings.idempotency_ttl)
+            await self._records.mark_sent(key, self._settings.idempotency_ttl)
 
         last_error: FacadeError | None = None
         for _ in range(self._settings.max_attempts):
@@ -107,7 +109,8 @@ class FindOrCreate:
                 last_error = exc
             finally:
                 work.before_send = None
-            found = await self._find(params.identity, deadline, work.last_sent_at)
+            sent_ago = time.monotonic() - work.last_sent_at  # this process's own send
+            found = await self._find(params.identity, deadline, sent_ago)
             if found is not None:
                 return found, True
         assert last_error is not None
@@ -128,11 +131,12 @@ class FindOrCreate:
         )
         return chat
 
-    async def _find(self, identity: str, deadline: Deadline, sent_at: float) -> WebChat | None:
-        """The guest's chat, or None once no request sent at ``sent_at`` can still create it."""
+    async def _find(self, identity: str, deadline: Deadline, sent_ago: float) -> WebChat | None:
+        """The guest's chat, or None once no request sent ``sent_ago`` seconds ago can still
+        create it."""
         chat = await self._conversations.find_conversation(identity, deadline)
         if chat is None:
-            settle = sent_at + SETTLE_TIMEOUTS * self._settings.attempt_timeout - time.time()
+            settle = SETTLE_TIMEOUTS * self._settings.attempt_timeout - sent_ago
             if settle > 0:
                 if settle >= deadline.remaining():
                     failure = UpstreamUnreachable(

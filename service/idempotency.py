@@ -77,13 +77,14 @@ class RecordBackend(Protocol):
 
     async def release(self, key: str, owner: str) -> None: ...
 
-    async def mark_sent(self, key: str, sent_by: float, ttl_seconds: float) -> None:
-        """Notes that a request for ``key`` may reach Twilio, sent at wall time ``sent_by``;
-        forgotten when the outcome is stored."""
+    async def mark_sent(self, key: str, ttl_seconds: float) -> None:
+        """Notes that a request for ``key`` may reach Twilio now, by the records' own clock (one
+        for every replica); forgotten when the outcome is stored."""
         ...
 
-    async def sent_by(self, key: str) -> float | None:
-        """``mark_sent``'s time, when an earlier execution of ``key`` left no stored outcome."""
+    async def sent_ago(self, key: str) -> float | None:
+        """Seconds since ``mark_sent``, by the same clock, when an earlier execution of ``key``
+        left no stored outcome."""
         ...
 
     async def close(self) -> None: ...
@@ -306,7 +307,7 @@ class LocalRecords:
         self, max_records: int = 100_000, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._records: dict[str, tuple[Record, float]] = {}  # in claim order, oldest first
-        self._sent: dict[str, float] = {}  # ids that may have reached Twilio, no outcome stored
+        self._sent: dict[str, float] = {}  # ids that may have reached Twilio (when), no outcome
         self._max = max_records
         self._clock = clock
         self._next_sweep = 0.0
@@ -342,14 +343,15 @@ class LocalRecords:
         self._sent.pop(key, None)
         return True
 
-    async def mark_sent(self, key: str, sent_by: float, ttl_seconds: float) -> None:
+    async def mark_sent(self, key: str, ttl_seconds: float) -> None:
         if len(self._sent) >= self._max:  # ids whose outcome is unstored: as many as records
             del self._sent[next(iter(self._sent))]
         self._sent.pop(key, None)
-        self._sent[key] = sent_by
+        self._sent[key] = self._clock()
 
-    async def sent_by(self, key: str) -> float | None:
-        return self._sent.get(key)
+    async def sent_ago(self, key: str) -> float | None:
+        sent = self._sent.get(key)
+        return None if sent is None else max(self._clock() - sent, 0.0)
 
     async def release(self, key: str, owner: str) -> None:
         existing = self._live(key)

@@ -1,11 +1,15 @@
 """The rate limit and idempotency records in Redis, so N replicas behave like one.
 
-Each operation is one atomic command or Lua script, and time comes from the Redis server
-(``TIME``), so replicas with skewed clocks still share one schedule. When Redis cannot be reached
-the facade fails closed: the call gets UNAVAILABLE with RetryInfo (never a hang, never a crash),
-the ``flexwebchat_shared_state_errors`` counter grows and a warning is logged. Degrading to local
-limits would silently multiply the account's rate by the replica count and drop the at-most-once
-guarantee, which is what callers rely on.
+Each operation is one atomic command or Lua script. No replica's wall clock is ever compared
+with another's: the rate schedule and the sent mark (when a create may have left, which starts
+the settle window of service.find_or_create) hold the Redis server's ``TIME``, and every other
+duration (a pending record's lock, a record's lifetime) is a key's TTL, counted by Redis. So
+replicas with skewed clocks still share one schedule and one settle window.
+
+When Redis cannot be reached the facade fails closed: the call gets UNAVAILABLE with RetryInfo
+(never a hang, never a crash), the ``flexwebchat_shared_state_errors`` counter grows and a warning
+is logged. Degrading to local limits would silently multiply the account's rate by the replica
+count and drop the at-most-once guarantee, which is what callers rely on.
 
 Nothing read from Redis is trusted unchecked: records carry an HMAC whose key is derived from the
 facade's Twilio secret (so only a facade of this account can write one a caller will receive) and
@@ -24,9 +28,7 @@ import hashlib
 import hmac
 import json
 import logging
-import math
 import re
-import time
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -161,6 +163,34 @@ end
 return 0
 """
 )
+# The sent mark holds Redis's TIME, in seconds, when a create may have left: every replica reads
+# its age against the same clock. SENT_AGO returns that age in microseconds, -1 when there is no
+# mark. A mark that is no number, of another type, negative or later than now (nan, inf) is
+# read as "sent just now" and rewritten as such with an expiry (ARGV[1] ms), so that it delays
+# the id by one settle time at most, never for good.
+NOW = """
+local t = redis.call('TIME')
+local stamp = string.format('%d.%06d', tonumber(t[1]), tonumber(t[2]))
+"""
+MARK_SENT = (
+    NOW
+    + """
+redis.call('SET', KEYS[1], stamp, 'PX', ARGV[1])
+return 1
+"""
+)
+SENT_AGO = (
+    NOW
+    + """
+local raw = redis.pcall('GET', KEYS[1])
+if raw == false then return -1 end
+local now = tonumber(stamp)
+local sent = type(raw) == 'string' and tonumber(raw) or nil
+if sent and sent >= 0 and sent <= now then return math.floor((now - sent) * 1000000) end
+redis.call('SET', KEYS[1], stamp, 'PX', ARGV[1])
+return 0
+"""
+)
 RELEASE = (
     RECORD
     + """
@@ -290,6 +320,8 @@ class RedisRecords:
         self._refresh = client.register_script(REFRESH)
         self._complete = client.register_script(COMPLETE)
         self._release = client.register_script(RELEASE)
+        self._mark_sent = client.register_script(MARK_SENT)
+        self._sent_ago = client.register_script(SENT_AGO)
 
     def _key(self, key: str) -> str:
         return f"{self._prefix}:idempotency:{key}"
@@ -335,35 +367,21 @@ class RedisRecords:
     def _sent_key(self, key: str) -> str:
         return f"{self._prefix}:sent:{key}"
 
-    async def mark_sent(self, key: str, sent_by: float, ttl_seconds: float) -> None:
+    async def mark_sent(self, key: str, ttl_seconds: float) -> None:
         try:
-            await self._client.set(self._sent_key(key), repr(sent_by), px=_ms(ttl_seconds))
+            await self._mark_sent(keys=[self._sent_key(key)], args=[_ms(ttl_seconds)])
         except RedisError as exc:
             raise _unavailable(exc) from None
 
-    async def sent_by(self, key: str) -> float | None:
-        """Untrusted: a mark that is unreadable, of another type or later than now (nan and inf
-        included) is read as "sent just now" and rewritten as such, with an expiry, so that it
-        delays the id by one settle time at most, never for good."""
+    async def sent_ago(self, key: str) -> float | None:
+        """Untrusted: see SENT_AGO for what an unreadable mark reads as."""
         try:
-            raw = await self._client.get(self._sent_key(key))
-        except ResponseError as exc:
-            if not _wrong_type(exc):
-                raise _unavailable(exc) from None
-            raw = b"another type"
+            age_us = int(
+                await self._sent_ago(keys=[self._sent_key(key)], args=[_ms(self._mark_ttl)])
+            )
         except RedisError as exc:
             raise _unavailable(exc) from None
-        if raw is None:
-            return None
-        now = time.time()
-        try:
-            sent = float(raw)
-        except ValueError:
-            sent = math.nan
-        if sent <= now:
-            return sent
-        await self.mark_sent(key, now, self._mark_ttl)
-        return now
+        return None if age_us < 0 else age_us / 1e6
 
     async def release(self, key: str, owner: str) -> None:
         await self._run(self._release, key, owner)

@@ -233,7 +233,7 @@ class TwilioHttp:
             await work.before_send()
         record = obs.current_rpc()
         record.upstream_attempts += 1
-        work.last_sent_at = time.time()
+        work.last_sent_at = time.monotonic()
         with tracing.attempt_span(
             record.upstream_attempts, request.method, request.route or request.endpoint
         ) as span:

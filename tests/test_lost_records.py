@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -120,10 +121,12 @@ def test_an_answer_lost_to_the_callers_deadline_then_flushed_is_found(
         replicas[0].create(request_id=request_id, initial_message="hello", timeout=0.35)
     assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     client = redis.Redis(port=redis_server.port)
-    for _ in range(50):  # the create lands and its outcome is stored, in the background
+    for _ in range(200):  # the create lands, its message is posted, its outcome stored
         if b'"done": true' in (client.get(record_key(request_id)) or b""):
             break
         time.sleep(0.05)
+    else:
+        raise AssertionError("the outcome was never stored")
     client.flushall()
     again = retry_until_answered(replicas[1], request_id)
     assert upstream.conversations() == {again.conversation_sid: again.identity}
@@ -171,3 +174,46 @@ def test_an_empty_list_of_conversations_is_not_found(
     reply = replicas[0].create(request_id=str(uuid.uuid4()), timeout=5)
     assert upstream.conversations() == {reply.conversation_sid: reply.identity}
     assert [r["path"] for r in upstream.requests()].count(CREATE) == 2  # settled, then re-sent
+
+
+SKEWED_CLOCK = str(Path(__file__).parent / "skewed_clock")  # its sitecustomize offsets time.time
+
+
+@pytest.mark.parametrize(
+    ("writer_skew", "reader_skew"),
+    [(0, 15), (-15, 0)],
+    ids=["the retrying replica 15 s ahead", "the sending replica 15 s behind"],
+)
+def test_skewed_clocks_do_not_shorten_the_settle_window(
+    make_facade: Any,
+    upstream: EmulatorProcess,
+    redis_server: RedisProcess,
+    writer_skew: int,
+    reader_skew: int,
+) -> None:
+    # Twilio settles a create within 2 attempt timeouts (3 s here); this one lands after 2.2 s,
+    # when its sender's attempt has timed out and its caller has left.
+    env = {
+        **guest_env(upstream.url),
+        "FLEX_ATTEMPT_TIMEOUT_SECONDS": "1.5",
+        "IDEMPOTENCY_LOCK_SECONDS": "1",
+        "REDIS_URL": redis_server.url,
+        "PYTHONPATH": SKEWED_CLOCK,
+        # gRPC takes a call's time left as its own (C, unskewed) clock's deadline minus the
+        # skewed time.time(): the retry carries no deadline and gets this one instead.
+        "FLEX_DEFAULT_DEADLINE_SECONDS": "8",
+    }
+    writer = make_facade(upstream.url, **env, SKEWED_CLOCK_SECONDS=str(writer_skew))
+    reader = make_facade(upstream.url, **env, SKEWED_CLOCK_SECONDS=str(reader_skew))
+    upstream.fault({"path": CREATE, "latency": 2.2})
+    request_id = str(uuid.uuid4())
+    with pytest.raises(grpc.RpcError):
+        writer.create(request_id=request_id, timeout=0.3)
+    # Waits for the writer to give the id up (its attempt timed out, 1.5 s after sending), then
+    # finds nothing yet: the create is still in flight, so it must wait for it to settle.
+    reply = reader.create(request_id=request_id, timeout=None)
+    for _ in range(100):  # until the first create has landed too
+        if all(r["status"] for r in upstream.requests()):
+            break
+        time.sleep(0.05)
+    assert upstream.conversations() == {reply.conversation_sid: reply.identity}
