@@ -34,12 +34,18 @@ RECOVERED = 'flexwebchat_idempotency_total{outcome="recovered_by_lookup"}'
 CREATE, LOOKUP = "/v2/WebChats", "/v1/Services/"  # faults for one endpoint only
 
 
+def two_replicas(
+    make_facade: Any, upstream: EmulatorProcess, redis_server: RedisProcess, **overrides: str
+) -> list[FacadeProcess]:
+    env = {**guest_env(upstream.url), **FAST, "REDIS_URL": redis_server.url, **overrides}
+    return [make_facade(upstream.url, **env), make_facade(upstream.url, **env)]
+
+
 @pytest.fixture
 def replicas(
     make_facade: Any, upstream: EmulatorProcess, redis_server: RedisProcess
 ) -> list[FacadeProcess]:
-    env = {**guest_env(upstream.url), **FAST, "REDIS_URL": redis_server.url}
-    return [make_facade(upstream.url, **env), make_facade(upstream.url, **env)]
+    return two_replicas(make_facade, upstream, redis_server)
 
 
 def record_key(request_id: str, kind: str = "idempotency") -> str:
@@ -113,12 +119,14 @@ def test_a_lost_record_is_recovered_by_looking_not_by_creating_again(
 
 
 def test_an_answer_lost_to_the_callers_deadline_then_flushed_is_found(
-    replicas: list[FacadeProcess], upstream: EmulatorProcess, redis_server: RedisProcess
+    make_facade: Any, upstream: EmulatorProcess, redis_server: RedisProcess
 ) -> None:
-    upstream.fault({"path": CREATE, "latency": 0.45})  # lands after the caller left
+    # The create lands after its caller left, well within the attempt's own timeout.
+    replicas = two_replicas(make_facade, upstream, redis_server, FLEX_ATTEMPT_TIMEOUT_SECONDS="3")
+    upstream.fault({"path": CREATE, "latency": 0.8})
     request_id = str(uuid.uuid4())
     with pytest.raises(grpc.RpcError) as gave_up:
-        replicas[0].create(request_id=request_id, initial_message="hello", timeout=0.35)
+        replicas[0].create(request_id=request_id, initial_message="hello", timeout=0.4)
     assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     client = redis.Redis(port=redis_server.port)
     for _ in range(200):  # the create lands, its message is posted, its outcome stored
