@@ -13,12 +13,16 @@ import os
 import re
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from conftest import ADDRESS_SID, ROOT, EmulatorProcess, FacadeProcess
 
+from emulator.app import API_SECRET
 from emulator.harness import guest_env
 
 BUILD = ROOT / ".build"
@@ -83,6 +87,40 @@ def test_example_runs_the_guest_flow(
     rpcs = guest_facade.rpc_lines(count=2)
     assert [r["method"] for r in rpcs] == ["CreateWebChat", "RefreshGuestToken"]
     assert rpcs[0]["request_id"], "the example sends a fresh request_id"
+
+
+def expired(token: str) -> str:
+    """``token`` as the facade issued it one lifetime and a second ago (its session moved back
+    too), re-signed with the emulator's API secret, which is the facade's signing key."""
+    claims = jwt.decode(token, API_SECRET, algorithms=["HS256"])
+    ago = claims["exp"] - claims["nbf"] + 1
+    claims["nbf"] -= ago
+    claims["exp"] -= ago
+    claims["fwc_session"]["start"] -= ago
+    return jwt.encode(
+        claims, API_SECRET, algorithm="HS256", headers=jwt.get_unverified_header(token)
+    )
+
+
+@pytest.mark.parametrize("caller", sorted(CALLERS))
+def test_example_resumes_an_expired_token_until_the_agent_ends_the_chat(
+    caller: str, make_facade: Any, upstream: EmulatorProcess, tmp_path: Path
+) -> None:
+    facade: FacadeProcess = make_facade(upstream.url, **guest_env(upstream.url))
+    created = facade.create(issue_token=True, request_id=str(uuid.uuid4()))
+    old_token = expired(created.access_token)
+
+    code, back = run_caller(caller, facade.target, "--resume", old_token, cwd=tmp_path)
+
+    assert code == 0, back
+    assert back["resumed"]["identity"] == created.identity
+    fresh = jwt.decode(back["resumed"]["access_token"], API_SECRET, algorithms=["HS256"])
+    assert fresh["exp"] > time.time()
+
+    upstream.set_state(created.conversation_sid, "closed")  # the agent ends the chat
+    code, ended = run_caller(caller, facade.target, "--resume", old_token, cwd=tmp_path)
+
+    assert (code, ended) == (0, {"chat_ended": True})
 
 
 @pytest.mark.parametrize("caller", sorted(CALLERS))

@@ -2,9 +2,11 @@
 // docs/clients.md shows it for Go callers:
 //
 //	create-webchat HOST:PORT ADDRESS_SID
+//	create-webchat HOST:PORT --resume ACCESS_TOKEN
 //
 // It creates a chat with a request_id, a guest access token and the guest's first message, then
-// refreshes the token, on one channel with the shipped service config. It prints both replies as
+// refreshes the token, on one channel with the shipped service config. With --resume, it brings
+// a guest back with its expired token, or says that the agent has ended the chat. It prints both replies as
 // JSON and exits 0, or prints the status code and its google.rpc details (BadRequest, ErrorInfo,
 // RetryInfo, PreconditionFailure) as JSON and exits 1. The stubs come from
 // `buf generate --template ../buf.gen.yaml` (managed mode sets go_package).
@@ -38,18 +40,26 @@ import (
 var serviceConfig string
 
 func main() {
-	if len(os.Args) != 3 {
-		fmt.Fprintln(os.Stderr, "usage: create-webchat HOST:PORT ADDRESS_SID")
-		os.Exit(2)
+	switch {
+	case len(os.Args) == 4 && os.Args[2] == "--resume":
+		os.Exit(resume(os.Args[1], os.Args[3]))
+	case len(os.Args) == 3:
+		os.Exit(run(os.Args[1], os.Args[2]))
 	}
-	os.Exit(run(os.Args[1], os.Args[2]))
+	fmt.Fprintln(os.Stderr, "usage: create-webchat HOST:PORT ADDRESS_SID | HOST:PORT --resume ACCESS_TOKEN")
+	os.Exit(2)
+}
+
+// connect opens a channel with the shipped service config: gRPC retries UNAVAILABLE and
+// RESOURCE_EXHAUSTED itself and waits as long as the facade asks (grpc-retry-pushback-ms);
+// round_robin over replicas with a dns:/// target naming a headless Service. (grpc-go before
+// 1.40: GRPC_GO_RETRY=on.)
+func connect(target string) (*grpc.ClientConn, error) {
+	return grpc.Dial(target, grpc.WithInsecure(), grpc.WithDefaultServiceConfig(serviceConfig))
 }
 
 func run(target, addressSid string) int {
-	// The shipped service config: gRPC retries UNAVAILABLE and RESOURCE_EXHAUSTED itself and waits
-	// as long as the facade asks (grpc-retry-pushback-ms); round_robin over replicas with a
-	// dns:/// target naming a headless Service. (grpc-go before 1.40: GRPC_GO_RETRY=on.)
-	conn, err := grpc.Dial(target, grpc.WithInsecure(), grpc.WithDefaultServiceConfig(serviceConfig))
+	conn, err := connect(target)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 2
@@ -67,6 +77,25 @@ func run(target, addressSid string) int {
 		return failed(err)
 	}
 	printJSON(map[string]json.RawMessage{"created": replyJSON(created), "refreshed": replyJSON(refreshed)})
+	return 0
+}
+
+func resume(target, expiredToken string) int {
+	conn, err := connect(target)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	defer conn.Close()
+	resumed, err := resumeGuestToken(flexwebchatv1.NewWebChatServiceClient(conn), expiredToken)
+	switch {
+	case err != nil:
+		return failed(err)
+	case resumed == nil:
+		printJSON(map[string]bool{"chat_ended": true})
+	default:
+		printJSON(map[string]json.RawMessage{"resumed": replyJSON(resumed)})
+	}
 	return 0
 }
 
@@ -90,6 +119,19 @@ func refreshGuestToken(client flexwebchatv1.WebChatServiceClient, accessToken st
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	return client.RefreshGuestToken(ctx, &flexwebchatv1.RefreshGuestTokenRequest{AccessToken: accessToken})
+}
+
+// resumeGuestToken brings back a guest whose token expired (a closed laptop, a page reload): the
+// same RefreshGuestToken, with the expired token, from the caller that created the chat. nil, nil
+// when the agent has ended the chat (CONVERSATION_CLOSED): offer the guest a new chat.
+func resumeGuestToken(client flexwebchatv1.WebChatServiceClient, expiredToken string) (*flexwebchatv1.RefreshGuestTokenResponse, error) {
+	resumed, err := refreshGuestToken(client, expiredToken)
+	for _, detail := range status.Convert(err).Details() {
+		if info, ok := detail.(*errdetails.ErrorInfo); ok && info.Reason == "CONVERSATION_CLOSED" {
+			return nil, nil
+		}
+	}
+	return resumed, err
 }
 
 func failed(err error) int {

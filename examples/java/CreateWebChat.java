@@ -1,9 +1,11 @@
 // Runs a guest's whole flow through the flexwebchat facade, as docs/clients.md shows it for Java:
 //
 //   java CreateWebChat HOST:PORT ADDRESS_SID [--bad-requests N] [--burst N]
+//   java CreateWebChat HOST:PORT --resume ACCESS_TOKEN
 //
 // Creates a chat with a request_id, a guest access token and a first message, then refreshes the
-// token, on one channel with the shipped service config. Prints both replies as JSON and exits 0,
+// token, on one channel with the shipped service config. With --resume, brings a guest back with
+// its expired token, or says that the agent has ended the chat. Prints both replies as JSON and exits 0,
 // or prints the status code and its google.rpc details as JSON and exits 1.
 // --bad-requests N first makes N invalid calls on the same channel (a caller's typo in a loop):
 // the channel must still retry an UNAVAILABLE afterwards. --burst N then makes N refreshes at
@@ -107,6 +109,27 @@ public final class CreateWebChat {
             RefreshGuestTokenRequest.newBuilder().setAccessToken(accessToken).build());
   }
 
+  /**
+   * The guest came back after its token expired (a closed laptop, a page reload): the same
+   * RefreshGuestToken, with the expired token, from the caller that created the chat. null when
+   * the agent has ended the chat (CONVERSATION_CLOSED): offer the guest a new chat.
+   */
+  static RefreshGuestTokenResponse resumeGuestToken(Channel channel, String expiredToken)
+      throws InvalidProtocolBufferException {
+    try {
+      return refreshGuestToken(channel, expiredToken);
+    } catch (StatusRuntimeException error) {
+      com.google.rpc.Status status = StatusProto.fromThrowable(error);
+      for (Any detail : status == null ? List.<Any>of() : status.getDetailsList()) {
+        if (detail.is(ErrorInfo.class)
+            && detail.unpack(ErrorInfo.class).getReason().equals("CONVERSATION_CLOSED")) {
+          return null;
+        }
+      }
+      throw error;
+    }
+  }
+
   /** The status code and each google.rpc detail of a failed call, by type name. */
   static JsonObject errorDetails(StatusRuntimeException error) throws InvalidProtocolBufferException {
     JsonObject described = new JsonObject();
@@ -146,17 +169,15 @@ public final class CreateWebChat {
     JsonObject out = new JsonObject();
     int exitCode = 0;
     try {
-      if (badRequests > 0) {
-        out.add("bad_requests", makeBadRequests(channel, badRequests));
-      }
-      CreateWebChatResponse created =
-          createWebChat(channel, addressSid, UUID.randomUUID().toString(), "Hello, I need help");
-      out.add("created", json(REPLY_JSON, created));
-      // An empty initial_message_sid: the chat exists, but the first message was not posted.
-      RefreshGuestTokenResponse refreshed = refreshGuestToken(channel, created.getAccessToken());
-      out.add("refreshed", json(REPLY_JSON, refreshed));
-      if (burst > 0) {
-        out.add("burst", refreshAtOnce(channel, refreshed.getAccessToken(), burst, refused));
+      if (addressSid.equals("--resume")) {
+        RefreshGuestTokenResponse resumed = resumeGuestToken(channel, args[2]);
+        if (resumed == null) {
+          out.addProperty("chat_ended", true);
+        } else {
+          out.add("resumed", json(REPLY_JSON, resumed));
+        }
+      } else {
+        guestFlow(channel, addressSid, badRequests, burst, refused, out);
       }
     } catch (StatusRuntimeException error) {
       JsonObject described = errorDetails(error);
@@ -168,6 +189,24 @@ public final class CreateWebChat {
     }
     System.out.println(new GsonBuilder().setPrettyPrinting().create().toJson(out));
     System.exit(exitCode);
+  }
+
+  /** The guest flow, optionally after bad requests and followed by a burst; replies to out. */
+  private static void guestFlow(
+      Channel channel, String addressSid, int badRequests, int burst, RefusedStreams refused,
+      JsonObject out) throws Exception {
+    if (badRequests > 0) {
+      out.add("bad_requests", makeBadRequests(channel, badRequests));
+    }
+    CreateWebChatResponse created =
+        createWebChat(channel, addressSid, UUID.randomUUID().toString(), "Hello, I need help");
+    out.add("created", json(REPLY_JSON, created));
+    // An empty initial_message_sid: the chat exists, but the first message was not posted.
+    RefreshGuestTokenResponse refreshed = refreshGuestToken(channel, created.getAccessToken());
+    out.add("refreshed", json(REPLY_JSON, refreshed));
+    if (burst > 0) {
+      out.add("burst", refreshAtOnce(channel, refreshed.getAccessToken(), burst, refused));
+    }
   }
 
   /** Calls with an invalid address_sid, each answered INVALID_ARGUMENT: counted by code. */

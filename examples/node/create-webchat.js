@@ -2,9 +2,11 @@
 // Node.js:
 //
 //   node create-webchat.js HOST:PORT ADDRESS_SID
+//   node create-webchat.js HOST:PORT --resume ACCESS_TOKEN
 //
 // Creates a chat with a request_id, a guest access token and the guest's first message, then
-// refreshes the token, on one channel with the shipped service config. Prints both replies as
+// refreshes the token, on one channel with the shipped service config. With --resume, brings a
+// guest back with its expired token, or says that the agent has ended the chat. Prints both replies as
 // JSON and exits 0, or prints the status code and its google.rpc details (BadRequest, ErrorInfo,
 // RetryInfo, PreconditionFailure) as JSON and exits 1.
 'use strict';
@@ -80,6 +82,20 @@ function refreshGuestToken(client, accessToken) {
   });
 }
 
+// The guest came back after its token expired (a closed laptop, a page reload): the same
+// RefreshGuestToken, with the expired token, from the caller that created the chat. null when the
+// agent has ended the chat (CONVERSATION_CLOSED): offer the guest a new chat.
+async function resumeGuestToken(client, expiredToken) {
+  try {
+    return await refreshGuestToken(client, expiredToken);
+  } catch (error) {
+    if (errorDetails(error).ErrorInfo?.reason === 'CONVERSATION_CLOSED') {
+      return null;
+    }
+    throw error;
+  }
+}
+
 // The status code and each google.rpc detail of a failed call, by type name. The details travel
 // in the grpc-status-details-bin trailer, a serialized google.rpc.Status.
 function errorDetails(error) {
@@ -105,12 +121,17 @@ function shouldRetry(described) {
   return 'RetryInfo' in described;
 }
 
-async function main([target, addressSid]) {
+async function main([target, addressSidOrFlag, expiredToken]) {
   const client = connect(target);
   try {
+    if (addressSidOrFlag === '--resume') {
+      const resumed = await resumeGuestToken(client, expiredToken);
+      console.log(JSON.stringify(resumed ? { resumed } : { chat_ended: true }));
+      return 0;
+    }
     const created = await createWebChat(
       client,
-      addressSid,
+      addressSidOrFlag,
       crypto.randomUUID(),
       'Hello, I need help',
     );
@@ -127,7 +148,14 @@ async function main([target, addressSid]) {
   }
 }
 
-module.exports = { connect, createWebChat, refreshGuestToken, errorDetails, shouldRetry };
+module.exports = {
+  connect,
+  createWebChat,
+  refreshGuestToken,
+  resumeGuestToken,
+  errorDetails,
+  shouldRetry,
+};
 
 if (require.main === module) {
   main(process.argv.slice(2)).then((code) => {

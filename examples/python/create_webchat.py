@@ -1,9 +1,11 @@
 """A guest's whole flow through the facade, as docs/clients.md shows it for Python callers.
 
     python create_webchat.py HOST:PORT ADDRESS_SID
+    python create_webchat.py HOST:PORT --resume ACCESS_TOKEN
 
 Creates a chat with a request_id, a guest access token and the guest's first message, then
-refreshes the token, on one channel with the shipped service config. Needs only the client
+refreshes the token, on one channel with the shipped service config. With --resume, brings a
+guest back with its expired token, or says that the agent has ended the chat. Needs only the client
 package (``pip install ./generated``: flexwebchat-client). Prints both replies as JSON and exits
 0, or prints the status code and its google.rpc details and exits 1.
 """
@@ -68,6 +70,20 @@ def refresh_guest_token(
     return stub.RefreshGuestToken(request, timeout=10)
 
 
+def resume_guest_token(
+    channel: grpc.Channel, expired_token: str
+) -> webchat_pb2.RefreshGuestTokenResponse | None:
+    """The guest came back after its token expired (a closed laptop, a page reload): the same
+    RefreshGuestToken, with the expired token, from the caller that created the chat. None when
+    the agent has ended the chat (CONVERSATION_CLOSED): offer the guest a new chat."""
+    try:
+        return refresh_guest_token(channel, expired_token)
+    except grpc.RpcError as error:
+        if error_details(error).get("ErrorInfo", {}).get("reason") == "CONVERSATION_CLOSED":
+            return None
+        raise
+
+
 def error_details(error: grpc.RpcError) -> dict[str, Any]:
     """The status code and each google.rpc detail of a failed call, by type name."""
     described: dict[str, Any] = {"code": error.code().name}  # type: ignore[attr-defined]
@@ -92,23 +108,31 @@ def should_retry(described: dict[str, Any]) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    target, address_sid = argv[1], argv[2]
+    target = argv[1]
+    replies: dict[str, Any] = {}
     with connect(target) as channel:
         try:
-            created = create_webchat(
-                channel, address_sid, str(uuid.uuid4()), first_message="Hello, I need help"
-            )
-            # An empty initial_message_sid: the chat exists, but the first message was not posted.
-            refreshed = refresh_guest_token(channel, created.access_token)
+            if argv[2] == "--resume":
+                resumed = resume_guest_token(channel, argv[3])
+                replies = {"resumed": resumed} if resumed else {"chat_ended": True}
+            else:
+                created = create_webchat(
+                    channel, argv[2], str(uuid.uuid4()), first_message="Hello, I need help"
+                )
+                # An empty initial_message_sid: the chat exists, but the first message was not
+                # posted.
+                refreshed = refresh_guest_token(channel, created.access_token)
+                replies = {"created": created, "refreshed": refreshed}
         except grpc.RpcError as error:
             described = error_details(error)
             print(json.dumps({**described, "retryable": should_retry(described)}, indent=2))
             return 1
-    replies = {"created": created, "refreshed": refreshed}
     print(
         json.dumps(
             {
-                name: json_format.MessageToDict(reply, preserving_proto_field_name=True)
+                name: reply
+                if isinstance(reply, bool)
+                else json_format.MessageToDict(reply, preserving_proto_field_name=True)
                 for name, reply in replies.items()
             }
         )
