@@ -254,6 +254,33 @@ async def _check_version(client: aioredis.Redis) -> None:
         )
 
 
+async def _check_eviction_policy(client: aioredis.Redis) -> None:
+    """Warns when Redis may evict the records under memory pressure (managed Redis often defaults
+    to ``volatile-lru``): every key the facade writes expires, so every policy but ``noeviction``
+    may drop a record before its TTL, and with it the id's promise when the facade cannot look
+    the conversation up. Where CONFIG GET is refused (an ACL, a managed Redis), says so once."""
+    try:
+        answer = await client.config_get("maxmemory-policy")
+    except RedisError as exc:
+        log.info(
+            "cannot read Redis's maxmemory-policy; make sure it is noeviction",
+            extra={"fields": {"error": type(exc).__name__}},
+        )
+        return
+    policy = next((_text(value) for value in answer.values()), "")
+    if policy and policy != "noeviction":
+        log.warning(
+            "Redis may evict idempotency records under memory pressure: set maxmemory-policy to "
+            "noeviction (CONFIG SET maxmemory-policy noeviction, or the managed service's "
+            "parameter group) and give it enough memory",
+            extra={"fields": {"maxmemory_policy": policy}},
+        )
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _unavailable(exc: RedisError) -> SharedStateUnavailable:
     obs.SHARED_STATE_ERRORS.inc()
     log.warning("Redis operation failed", extra={"fields": {"error": type(exc).__name__}})
@@ -405,6 +432,7 @@ class RedisRecords:
             else:
                 if failures:
                     log.info("Redis answered; serving", extra={"fields": {"failures": failures}})
+                await _check_eviction_policy(self._client)
                 return
             await asyncio.sleep(interval)
 

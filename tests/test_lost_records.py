@@ -225,3 +225,33 @@ def test_skewed_clocks_do_not_shorten_the_settle_window(
             break
         time.sleep(0.05)
     assert upstream.conversations() == {reply.conversation_sid: reply.identity}
+
+
+@pytest.mark.parametrize("policy", ["volatile-lru", "allkeys-lru", "noeviction", "refused"])
+def test_a_redis_that_may_evict_records_is_named_at_start(
+    make_facade: Any, upstream: EmulatorProcess, redis_server: RedisProcess, policy: str
+) -> None:
+    client = redis.Redis(port=redis_server.port)
+    url = redis_server.url
+    if policy == "refused":  # CONFIG not allowed, as on many managed services
+        client.acl_setuser(
+            "facade",
+            enabled=True,
+            passwords=["+pw"],
+            keys=["*"],
+            channels=["*"],
+            commands=["+@all", "-config"],
+        )
+        url = f"redis://facade:pw@127.0.0.1:{redis_server.port}/0"
+    else:
+        client.config_set("maxmemory-policy", policy)
+    facade = make_facade(upstream.url, REDIS_URL=url)  # serving: Redis has answered
+    said = [line for line in facade.log_lines() if "maxmemory-policy" in line["msg"]]
+    if policy == "noeviction":
+        assert said == []
+    elif policy == "refused":
+        assert [line["level"] for line in said] == ["info"]
+        assert facade.create().conversation_sid  # the check never stands in the way
+    else:
+        assert [line["level"] for line in said] == ["warning"]
+        assert said[0]["maxmemory_policy"] == policy and "noeviction" in said[0]["msg"]
