@@ -19,6 +19,8 @@
 11. A second caller's wait while a first caller floods the rate limit, with callers taking turns
    and, beside it, with one caller for the facade (auth off: first come, first served), on one
    replica and on two sharing Redis (``bench/fairness.py``).
+12. What the lookup before a new request_id's first create costs, beside the create alone
+   (``bench/new_ids.py``).
 
 Prints tables; ``--json PATH`` also writes every number as JSON (``make bench`` writes
 bench/results.json). ``--only`` runs some sections. ``--before CHECKOUT`` adds, in sections 4 and
@@ -51,7 +53,7 @@ from flexwebchat.v1 import webchat_pb2, webchat_pb2_grpc
 from twilio.base.exceptions import TwilioRestException
 from twilio.rest import Client
 
-from bench import capacity, fairness, one_conversation
+from bench import capacity, fairness, new_ids, one_conversation
 from bench.cpu import cpu_seconds
 from emulator.app import ACCOUNT_SID, AUTH_TOKEN
 from emulator.harness import (
@@ -383,6 +385,7 @@ SECTIONS = (  # --only
     "waiting",
     "cheap_calls",
     "fairness",
+    "new_ids",
 )
 
 
@@ -522,6 +525,9 @@ def main() -> None:
             fairness.print_header()
             results["fairness"] = fairness.rows(workdir)
             fairness.print_footer()
+        if "new_ids" in args.only:
+            results["new_ids"] = new_ids.rows(workdir, ROUNDS, CALLS)
+            new_ids.print_rows(results["new_ids"], ROUNDS)
     results["load_average_after"] = os.getloadavg()
     load = " ".join(f"{v:.2f}" for v in results["load_average_before"])
     print(f"   load average before the run: {load} ({results['cpus']} CPUs)")
