@@ -75,7 +75,7 @@ test: $(STAMP) system-deps node_modules/.installed examples
 # The quick loop: lint and every test that needs no root and nothing from Debian's packages
 # (tests/conftest.py skips the others, one summary line per missing tool). Stops at the first
 # failure.
-check: $(STAMP) node_modules/.installed
+check: $(STAMP) node_modules/.installed examples/node/node_modules/.installed
 	node_modules/.bin/buf lint
 	$(BIN)/ruff check service emulator tests bench examples
 	$(BIN)/ruff format --check service emulator tests bench examples

@@ -48,13 +48,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "needs(tool): runs a tool that `make test` installs")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # `make examples` builds the example callers from Debian's Go and Java packages.
-    for item in items:
-        if item.path.name == "test_examples.py":
-            item.add_marker(pytest.mark.needs("go", "javac"))
-
-
 def pytest_runtest_setup(item: pytest.Item) -> None:
     for mark in item.iter_markers("needs"):
         for tool in mark.args:
