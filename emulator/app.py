@@ -18,7 +18,16 @@ errors in Twilio's shape. Faults and latency apply to every endpoint. Tests stee
   (drop closes the connection unanswered; after: the request is processed first, e.g. the
   conversation is created, and then answered with the fault: Twilio's "ambiguous" failures; path:
   the fault waits for a request whose path starts with it)
-* ``POST /__emulator/reset``     forget requests, faults and conversations, refill the rate limit
+  (a request of the credential check takes only a fault with a path)
+* ``POST /__emulator/credentials``  ``{"SK…": "secret", "AC…": "token"}``: the credentials it
+  accepts from now on (a rotation at Twilio; the defaults are ACCOUNT_SID/AUTH_TOKEN and
+  API_KEY/API_SECRET)
+* ``POST /__emulator/reset``     forget requests, faults and conversations, refill the rate limit,
+  accept the default credentials again
+
+It also answers the facade's start-up credential check: ``GET /v1/Configuration`` (Flex's
+configuration, on the flex-api host) and ``GET /v1/Services/{IS}`` (the conversations service;
+404 for any other SID than SERVICE_SID).
 """
 
 from __future__ import annotations
@@ -69,9 +78,7 @@ class TokenBucket:
 @dataclass
 class Emulator:
     rate_limit: float = 5.0
-    credentials: dict[str, str] = field(
-        default_factory=lambda: {ACCOUNT_SID: AUTH_TOKEN, API_KEY: API_SECRET}
-    )
+    credentials: dict[str, str] = field(default_factory=dict)
     requests: list[dict[str, Any]] = field(default_factory=list)
     faults: list[dict[str, Any]] = field(default_factory=list)
     latency: float = 0.0
@@ -90,6 +97,7 @@ class Emulator:
         self.conversations.clear()
         self.states.clear()
         self.created.clear()
+        self.credentials = {ACCOUNT_SID: AUTH_TOKEN, API_KEY: API_SECRET}
         self.latency = 0.0
         self.bucket = TokenBucket(self.rate_limit, self.rate_limit) if self.rate_limit else None
 
@@ -100,10 +108,13 @@ class Emulator:
         app.router.add_get(
             "/v1/Services/{service}/Users/{identity}/Conversations", self.user_conversations
         )
+        app.router.add_get("/v1/Configuration", self.configuration)
+        app.router.add_get("/v1/Services/{service}", self.service)
         app.router.add_get("/__emulator/requests", self.list_requests)
         app.router.add_get("/__emulator/conversations", self.list_conversations)
         app.router.add_post("/__emulator/conversations/{sid}", self.set_conversation_state)
         app.router.add_post("/__emulator/faults", self.add_faults)
+        app.router.add_post("/__emulator/credentials", self.set_credentials)
         app.router.add_post("/__emulator/reset", self.reset_state)
         return app
 
@@ -115,6 +126,12 @@ class Emulator:
 
     async def user_conversations(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, self._user_conversations, rate_limited=False)
+
+    async def configuration(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, self._configuration, rate_limited=False)
+
+    async def service(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, self._service, rate_limited=False)
 
     async def _handle(
         self, request: web.Request, answer: Any, *, rate_limited: bool
@@ -198,6 +215,19 @@ class Emulator:
         request["conversation_sid"] = body["conversation_sid"]  # for the request log
         return web.json_response(body, status=201)
 
+    def _configuration(self, request: web.Request, form: dict[str, str]) -> web.Response:
+        return web.json_response(
+            {"account_sid": ACCOUNT_SID, "status": "ok", "url": str(request.url)}
+        )
+
+    def _service(self, request: web.Request, form: dict[str, str]) -> web.Response:
+        sid = request.match_info["service"]
+        if sid != SERVICE_SID:
+            return twilio_error(404, 20404, f"The requested resource /Services/{sid} was not found")
+        return web.json_response(
+            {"sid": sid, "account_sid": ACCOUNT_SID, "friendly_name": "Flex Conversations"}
+        )
+
     def _user_conversations(self, request: web.Request, form: dict[str, str]) -> web.Response:
         """The conversations a user (by identity) participates in; 404 for an unknown user."""
         identity = request.match_info["identity"]
@@ -270,6 +300,10 @@ class Emulator:
         if "latency" in spec:
             self.latency = float(spec["latency"])
         return web.json_response({"queued": len(self.faults)})
+
+    async def set_credentials(self, request: web.Request) -> web.Response:
+        self.credentials = {str(k): str(v) for k, v in (await request.json()).items()}
+        return web.json_response({})
 
     async def reset_state(self, request: web.Request) -> web.Response:
         self.reset()

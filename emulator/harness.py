@@ -107,6 +107,11 @@ class EmulatorProcess:
             spec["latency"] = latency
         self.control.post("/__emulator/faults", json=spec).raise_for_status()
 
+    def accept_credentials(self, credentials: dict[str, str]) -> None:
+        """From now on the emulator accepts these (user -> secret) only, as Twilio after a
+        rotation or revocation; ``reset`` restores the defaults."""
+        self.control.post("/__emulator/credentials", json=credentials).raise_for_status()
+
     def reset(self) -> None:
         self.control.post("/__emulator/reset").raise_for_status()
 

@@ -144,9 +144,7 @@ def _parse_tokens(raw: bytes) -> tuple[list[tuple[str, bytes]], list[str]]:
     return tokens, problems
 
 
-def _reload_failed(variable: str, message: str, error: str) -> None:
-    obs.CONFIG_RELOAD_FAILURES.labels(file=variable).inc()
-    log.error(message, extra={"fields": {"file": variable, "error": error}})
+_reload_failed = obs.reload_failed
 
 
 class ReloadingCertificates:

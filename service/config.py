@@ -45,6 +45,42 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class Credential:
+    """One Twilio credential: the HTTP Basic user (an API key or account SID) and its secret
+    (the API key secret or the auth token)."""
+
+    user: str
+    secret: Secret
+
+    @property
+    def is_api_key(self) -> bool:
+        return self.user.startswith("SK")
+
+
+@dataclass(frozen=True)
+class CredentialSet:
+    """The credential the facade sends with, and the previous ones it still accepts (records,
+    refresh tokens and pending identities made with them verify; nothing is sent with them)."""
+
+    account_sid: str
+    current: Credential
+    previous: tuple[Credential, ...] = ()
+
+
+# Every secret the facade re-reads when its *_FILE changes (service.credentials).
+CREDENTIAL_VARIABLES = (
+    "TWILIO_ACCOUNT_SID",
+    "TWILIO_AUTH_TOKEN",
+    "TWILIO_API_KEY",
+    "TWILIO_API_SECRET",
+    "TWILIO_PREVIOUS_API_KEY",
+    "TWILIO_PREVIOUS_API_SECRET",
+    "TWILIO_PREVIOUS_AUTH_TOKEN",
+)
+RELOADED_VARIABLES = (*CREDENTIAL_VARIABLES, "REDIS_URL")
+
+
+@dataclass(frozen=True)
 class Settings:
     # Upstream
     username: str  # account SID or API key SID: the HTTP Basic user
@@ -104,22 +140,26 @@ class Settings:
     auth_tokens_file: str = ""
     # caller -> the prefix of the identities it may choose (none: it may not choose)
     caller_identity_prefixes: Mapping[str, str] = field(default_factory=dict)
+    # The start-time credentials (the sending one is username/password above), and where the
+    # reloadable secrets come from: service.credentials re-reads them.
+    credentials: CredentialSet | None = None
+    secret_sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         reader = _EnvReader(env)
-        username, password = _credentials(reader)
+        credentials = read_credentials(env)
         api_secret = reader.secret("TWILIO_API_SECRET")
         max_rpcs = reader.integer("GRPC_MAX_CONCURRENT_RPCS", 256, minimum=1)
         settings = cls(
-            username=username,
-            password=password,
+            username=credentials.current.user,
+            password=credentials.current.secret,
             base_url=_base_url(reader, "flex-api", "FLEX_API_BASE_URL"),
             account_sid=reader.secret("TWILIO_ACCOUNT_SID"),
             api_key=reader.secret("TWILIO_API_KEY"),
             api_secret=Secret(api_secret) if api_secret else None,
-            region=reader.text("TWILIO_REGION"),
+            region=_region(reader),
             conversations_url=_base_url(reader, "conversations", "CONVERSATIONS_API_BASE_URL"),
             conversations_service_sid=_service_sid(reader.text("TWILIO_CONVERSATIONS_SERVICE_SID")),
             guest_token_ttl=_token_ttl(reader),
@@ -140,7 +180,7 @@ class Settings:
             idempotency_max_local_records=reader.integer(
                 "IDEMPOTENCY_MAX_LOCAL_RECORDS", 100_000, minimum=100
             ),
-            redis_url=_redis_url(reader.secret("REDIS_URL")),
+            redis_url=redis_url(reader.secret("REDIS_URL")),
             grpc_host=_bracketed(reader.text("GRPC_HOST") or "[::]"),
             grpc_port=reader.port("GRPC_PORT", 50051),
             metrics_host=_bracketed(
@@ -182,7 +222,26 @@ class Settings:
             ),
             auth_tokens_file=reader.text("AUTH_TOKENS_FILE"),
             caller_identity_prefixes=_identity_prefixes(reader.text("CALLER_IDENTITY_PREFIXES")),
+            credentials=credentials,
+            secret_sources={
+                name: env[name]
+                for variable in RELOADED_VARIABLES
+                for name in (variable, f"{variable}_FILE")
+                if env.get(name)
+            },
         )
+        if settings.default_deadline > settings.max_deadline:
+            raise ConfigError(
+                f"FLEX_DEFAULT_DEADLINE_SECONDS ({settings.default_deadline:g}) is above "
+                f"FLEX_MAX_DEADLINE_SECONDS ({settings.max_deadline:g}): lower it, or raise "
+                "FLEX_MAX_DEADLINE_SECONDS"
+            )
+        if settings.idempotency_lock > settings.idempotency_ttl:
+            raise ConfigError(
+                f"IDEMPOTENCY_LOCK_SECONDS ({settings.idempotency_lock:g}) is above "
+                f"IDEMPOTENCY_TTL_SECONDS ({settings.idempotency_ttl:g}): a record would expire "
+                "while its request is still running; lower the lock or raise the TTL"
+            )
         if settings.redis_url is not None and not settings.account_sid:
             # The shared rate budget is keyed by account (Twilio's limit is per account); an API
             # key alone does not say which account it belongs to.
@@ -320,7 +379,7 @@ def _ui_version(value: str) -> str:
     return value
 
 
-def _redis_url(value: str) -> Secret | None:
+def redis_url(value: str) -> Secret | None:
     if not value:
         return None
     # Never echo the value: it may hold a password.
@@ -338,27 +397,81 @@ _ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
 _API_KEY = re.compile(r"^SK[0-9a-fA-F]{32}$")
 
 
-def _credentials(reader: _EnvReader) -> tuple[str, Secret]:
-    """API key + secret when set (preferred, revocable), else account SID + auth token."""
+def read_credentials(env: Mapping[str, str]) -> CredentialSet:
+    """The Twilio credentials in ``env`` (their *_FILE variants read now): the API key and
+    secret when set (preferred, revocable), else the account SID and auth token; and the
+    previous ones, accepted during a rotation. ConfigError names the variable to fix."""
+    reader = _EnvReader(env)
     account_sid = reader.secret("TWILIO_ACCOUNT_SID")
     auth_token = reader.secret("TWILIO_AUTH_TOKEN")
-    api_key = reader.secret("TWILIO_API_KEY")
-    api_secret = reader.secret("TWILIO_API_SECRET")
     if account_sid and not _ACCOUNT_SID.match(account_sid):
         raise ConfigError("TWILIO_ACCOUNT_SID must look like AC followed by 32 hex digits")
-    if api_key or api_secret:
-        if not (api_key and api_secret):
-            raise ConfigError("TWILIO_API_KEY and TWILIO_API_SECRET must be set together")
-        if not _API_KEY.match(api_key):
-            raise ConfigError("TWILIO_API_KEY must look like SK followed by 32 hex digits")
-        return api_key, Secret(api_secret)
-    if account_sid and auth_token:
-        return account_sid, Secret(auth_token)
-    raise ConfigError(
-        "no Twilio credentials: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN, or "
-        "TWILIO_API_KEY and TWILIO_API_SECRET (or their *_FILE variants); "
-        "'make run' starts the local emulator instead"
+    api_key = _api_key(reader, "TWILIO_API_KEY", "TWILIO_API_SECRET")
+    if auth_token and not account_sid:
+        raise ConfigError(
+            "TWILIO_AUTH_TOKEN is set without TWILIO_ACCOUNT_SID: set TWILIO_ACCOUNT_SID to the "
+            "account's SID (AC followed by 32 hex digits), whose auth token it is"
+        )
+    if api_key is not None:
+        current = api_key
+    elif account_sid and auth_token:
+        current = Credential(account_sid, Secret(auth_token))
+    elif account_sid:
+        raise ConfigError(
+            "TWILIO_ACCOUNT_SID is set without a secret: set TWILIO_AUTH_TOKEN, or "
+            "TWILIO_API_KEY and TWILIO_API_SECRET (or their *_FILE variants)"
+        )
+    else:
+        raise ConfigError(
+            "no Twilio credentials: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN, or "
+            "TWILIO_API_KEY and TWILIO_API_SECRET (or their *_FILE variants); "
+            "'make run' starts the local emulator instead"
+        )
+    previous = []
+    previous_key = _api_key(reader, "TWILIO_PREVIOUS_API_KEY", "TWILIO_PREVIOUS_API_SECRET")
+    if previous_key is not None:
+        previous.append(previous_key)
+    previous_token = reader.secret("TWILIO_PREVIOUS_AUTH_TOKEN")
+    if previous_token:
+        if not account_sid:
+            raise ConfigError(
+                "TWILIO_PREVIOUS_AUTH_TOKEN needs TWILIO_ACCOUNT_SID (the account it belongs to)"
+            )
+        previous.append(Credential(account_sid, Secret(previous_token)))
+    return CredentialSet(
+        account_sid, current, tuple(c for c in dict.fromkeys(previous) if c != current)
     )
+
+
+def _api_key(reader: _EnvReader, key_variable: str, secret_variable: str) -> Credential | None:
+    api_key, api_secret = reader.secret(key_variable), reader.secret(secret_variable)
+    if api_key and not api_secret:
+        raise ConfigError(
+            f"{key_variable} is set without {secret_variable}: set {secret_variable} (or "
+            f"{secret_variable}_FILE) to the key's secret, or unset {key_variable}"
+        )
+    if api_secret and not api_key:
+        raise ConfigError(
+            f"{secret_variable} is set without {key_variable}: set {key_variable} to the "
+            "key's SID (SK followed by 32 hex digits)"
+        )
+    if not api_key:
+        return None
+    if not _API_KEY.match(api_key):
+        raise ConfigError(f"{key_variable} must look like SK followed by 32 hex digits")
+    return Credential(api_key, Secret(api_secret))
+
+
+REGIONS = ("us1", "ie1", "au1")  # Twilio's regions
+
+
+def _region(reader: _EnvReader) -> str:
+    region = reader.text("TWILIO_REGION")
+    if region and region not in REGIONS:
+        raise ConfigError(
+            f"TWILIO_REGION must be one of {', '.join(REGIONS)} (Twilio's regions), got {region!r}"
+        )
+    return region
 
 
 _SERVICE_SID = re.compile(r"^IS[0-9a-fA-F]{32}$")
@@ -401,7 +514,7 @@ def _base_url(reader: _EnvReader, product: str, variable: str) -> str:
     """``variable``, else the host twilio-python derives from TWILIO_REGION/TWILIO_EDGE."""
     override = reader.text(variable)
     if not override:
-        edge, region = reader.text("TWILIO_EDGE"), reader.text("TWILIO_REGION")
+        edge, region = reader.text("TWILIO_EDGE"), _region(reader)
         region = region or ("us1" if edge else "")
         host = ".".join(part for part in (product, edge, region, "twilio.com") if part)
         return f"https://{host}"

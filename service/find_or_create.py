@@ -3,12 +3,14 @@
 Twilio's create has no idempotency key, so a create whose answer was lost (5xx, reset after
 sending, read timeout, a replica that died, an outcome that could not be stored) may or may not
 have happened. When the caller leaves ``identity`` to the facade, the facade chooses it,
-deterministically from the account and the request_id's record key (a UUID, as Twilio's are, and
-unguessable without the id). Then whether the create happened is a question Twilio can answer:
+deterministically: an HMAC of the request_id's record key keyed with the secret the facade sends
+with (``service.credentials``), which no caller sees, so nobody can compute another caller's
+identity and take it first. Then whether the create happened is a question Twilio can answer:
 the guest's conversations in the Flex conversations service
 (``GET /v1/Services/{IS}/Users/{identity}/Conversations``; 404 means no such guest yet).
 
-* Found: that is the chat; it is recorded and answered.
+* Found: that is the chat; it is recorded and answered. A request_id sent before a credential
+  rotation is also looked up under the identity the previous secret gave it.
 * Not found: re-sending is safe once no earlier request can still be in flight at Twilio. The
   facade gives up on an answer after the attempt timeout, but Twilio may go on working on the
   request; so it waits until twice the attempt timeout has passed since the send, looks again,
@@ -39,6 +41,7 @@ from . import execution
 from . import observability as obs
 from .config import Settings
 from .conversations import ConversationsClient
+from .credentials import Credentials
 from .deadline import Deadline
 from .errors import FacadeError, UpstreamUnreachable
 from .flex import FlexClient, WebChat
@@ -59,12 +62,13 @@ class FindOrCreate:
         conversations: ConversationsClient,
         records: RecordBackend,
         settings: Settings,
+        credentials: Credentials,
     ) -> None:
         self._flex = flex
         self._conversations = conversations
         self._records = records
         self._settings = settings
-        self._account = (settings.account_sid or settings.username).encode()
+        self._credentials = credentials
 
     def applies(self, params: WebChatParams) -> bool:
         """Needs the conversations service to look in, and an identity of the facade's choosing
@@ -72,22 +76,26 @@ class FindOrCreate:
         return bool(self._settings.conversations_service_sid) and not params.identity
 
     def identity(self, key: str) -> str:
-        digest = hmac.new(self._account, key.encode(), hashlib.sha256).digest()
-        # The prefix no caller may choose in (CALLER_IDENTITY_PREFIXES): nobody can take it first.
-        return FACADE_IDENTITY_PREFIX + str(uuid.UUID(bytes=digest[:16], version=4))
+        """The identity the facade chooses for ``key`` (current secret)."""
+        return self.identities(key)[0]
+
+    def identities(self, key: str) -> list[str]:
+        """Under the current secret, then the previous ones (to find a pending request's chat)."""
+        return [_identity(secret_key, key) for secret_key in self._credentials.identity_keys()]
 
     async def create(
         self, key: str, params: WebChatParams, deadline: Deadline, *, reserve: float = 0.0
     ) -> tuple[WebChat, bool]:
         """The chat for ``key``, and whether this execution created it (False: found)."""
-        params = replace(params, identity=self.identity(key))
+        identities = self.identities(key)
+        params = replace(params, identity=identities[0])
         earlier = await self._records.sent_ago(key)
         if earlier is not None:
-            found = await self._find(params.identity, deadline, earlier)
+            found = await self._find(identities, deadline, earlier)
             if found is not None:
                 return found, False
         else:
-            found = await self._recover(params.identity, deadline)
+            found = await self._recover(identities, deadline)
             if found is not None:
                 return found, False
         work = execution.current()
@@ -110,17 +118,17 @@ class FindOrCreate:
             finally:
                 work.before_send = None
             sent_ago = time.monotonic() - work.last_sent_at  # this process's own send
-            found = await self._find(params.identity, deadline, sent_ago)
+            found = await self._find([params.identity], deadline, sent_ago)
             if found is not None:
                 return found, True
         assert last_error is not None
         raise last_error
 
-    async def _recover(self, identity: str, deadline: Deadline) -> WebChat | None:
+    async def _recover(self, identities: list[str], deadline: Deadline) -> WebChat | None:
         """The chat of an id that has neither record nor sent mark. Their absence proves nothing
         (a flushed, evicted or restarted Redis, or a failover, leaves no trace), so Twilio is
         asked before a first create; a chat found means the id's record was lost."""
-        chat = await self._conversations.find_conversation(identity, deadline)
+        chat = await self._look(identities, deadline)
         if chat is None:
             return None
         obs.child(obs.IDEMPOTENCY, "recovered_by_lookup").inc()
@@ -131,10 +139,12 @@ class FindOrCreate:
         )
         return chat
 
-    async def _find(self, identity: str, deadline: Deadline, sent_ago: float) -> WebChat | None:
-        """The guest's chat, or None once no request sent ``sent_ago`` seconds ago can still
-        create it."""
-        chat = await self._conversations.find_conversation(identity, deadline)
+    async def _find(
+        self, identities: list[str], deadline: Deadline, sent_ago: float
+    ) -> WebChat | None:
+        """The chat of one of the guests, or None once no request sent ``sent_ago`` seconds ago
+        can still create it."""
+        chat = await self._look(identities, deadline)
         if chat is None:
             settle = SETTLE_TIMEOUTS * self._settings.attempt_timeout - sent_ago
             if settle > 0:
@@ -147,5 +157,18 @@ class FindOrCreate:
                     failure.retry_after = settle
                     raise failure
                 await asyncio.sleep(settle)
-                chat = await self._conversations.find_conversation(identity, deadline)
+                chat = await self._look(identities, deadline)
         return chat
+
+    async def _look(self, identities: list[str], deadline: Deadline) -> WebChat | None:
+        for identity in identities:
+            chat = await self._conversations.find_conversation(identity, deadline)
+            if chat is not None:
+                return chat
+        return None
+
+
+def _identity(secret_key: bytes, key: str) -> str:
+    digest = hmac.new(secret_key, key.encode(), hashlib.sha256).digest()
+    # The prefix no caller may choose in (CALLER_IDENTITY_PREFIXES): nobody can take it first.
+    return FACADE_IDENTITY_PREFIX + str(uuid.UUID(bytes=digest[:16], version=4))

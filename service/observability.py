@@ -96,9 +96,20 @@ INITIAL_MESSAGES = Counter(
 )
 CONFIG_RELOAD_FAILURES = Counter(
     "flexwebchat_config_reload_failures",
-    "Changed caller-auth files that could not be applied (in whole or in part), by variable",
+    "Changed files (caller auth, TLS, secrets) that could not be applied in whole or in part, "
+    "by variable",
     ["file"],
 )
+
+
+def reload_failed(variable: str, message: str, error: str) -> None:
+    """A changed file that could not be applied: logged at error and counted, by variable."""
+    CONFIG_RELOAD_FAILURES.labels(file=variable).inc()
+    logging.getLogger("flexwebchat.reload").error(
+        message, extra={"fields": {"file": variable, "error": error}}
+    )
+
+
 SHARED_STATE_ERRORS = Counter(
     "flexwebchat_shared_state_errors", "Failed operations on the shared state (Redis)"
 )

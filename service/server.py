@@ -24,12 +24,13 @@ from .auth import CallerTokens, server_credentials
 from .config import ConfigError, Settings
 from .connections import ConnectionShares, UnauthenticatedConnections
 from .conversations import ConversationsClient
+from .credentials import Credentials
 from .flex import FlexClient
 from .idempotency import IdempotencyStore, LocalRecords, RecordBackend
 from .interceptors import Limits, RpcObserver
 from .metrics_server import MetricsServer, start_metrics_server
 from .ratelimit import Limiter, LocalSchedule, RateLimiter, Unlimited
-from .tokens import FixedKeys, GuestTokens, SigningKey
+from .tokens import GuestTokens
 from .upstream import TwilioHttp, new_http_client
 from .webchat import WebChatServicer
 
@@ -63,8 +64,9 @@ class Facade:
         flush_traces = tracing.configure()
         credentials = server_credentials(settings)
         tokens = CallerTokens(settings.auth_tokens_file) if settings.auth_tokens_file else None
-        http = new_http_client(settings)
-        limiter, records, first_answer = await _state(settings)
+        secrets = Credentials(settings)
+        http = new_http_client(settings, secrets)
+        limiter, records, first_answer = await _state(settings, secrets)
         idempotency = IdempotencyStore(
             records, ttl_seconds=settings.idempotency_ttl, lock_seconds=settings.idempotency_lock
         )
@@ -73,8 +75,9 @@ class Facade:
             FlexClient(twilio, settings, limiter),
             ConversationsClient(twilio, settings),
             idempotency,
-            _guest_tokens(settings),
+            _guest_tokens(settings, secrets),
             settings,
+            secrets,
         )
 
         limits = Limits(
@@ -130,6 +133,7 @@ class Facade:
             sweeps.append(_sweep(settings, "health", None, health_port))
             await health_server.start()
         background = [asyncio.create_task(sweep.run()) for sweep in sweeps if sweep.available()]
+        background.append(asyncio.create_task(secrets.watch()))
         await server.start()
         if tokens is not None and credentials is None:
             log.warning(
@@ -235,14 +239,14 @@ async def serve(settings: Settings) -> None:
 
 
 async def _state(
-    settings: Settings,
+    settings: Settings, credentials: Credentials
 ) -> tuple[Limiter, RecordBackend, Callable[[], Awaitable[None]] | None]:
     """Rate limit and idempotency records: in Redis when REDIS_URL is set, else in-process; and
     what readiness must wait for (Redis's first answer), if anything."""
     if settings.redis_url is not None:
         from .shared import connect_shared_state
 
-        shared_limiter, records = await connect_shared_state(settings)
+        shared_limiter, records = await connect_shared_state(settings, credentials)
         return shared_limiter, records, records.first_answer
     limiter: Limiter = Unlimited()
     if settings.rate_limit_rps > 0:
@@ -294,11 +298,11 @@ def raise_file_limit(settings: Settings) -> int:
     return soft
 
 
-def _guest_tokens(settings: Settings) -> GuestTokens | None:
-    if not settings.tokens_enabled or settings.api_secret is None:
+def _guest_tokens(settings: Settings, credentials: Credentials) -> GuestTokens | None:
+    if not settings.tokens_enabled:
         return None
     return GuestTokens(
-        keys=FixedKeys(SigningKey(settings.api_key, settings.api_secret)),
+        keys=credentials,
         account_sid=settings.account_sid,
         service_sid=settings.conversations_service_sid,
         ttl_seconds=settings.guest_token_ttl,

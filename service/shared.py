@@ -13,9 +13,11 @@ count and drop the at-most-once guarantee, which is what callers rely on.
 
 Nothing read from Redis is trusted unchecked: records carry an HMAC whose key is derived from the
 facade's Twilio secret (so only a facade of this account can write one a caller will receive) and
-is bound to the record's key; a record that does not decode or verify, or a rate schedule beyond
-any legitimate one, is a shared-state failure like an unreachable Redis (UNAVAILABLE, counted),
-and the key is given an expiry so the id recovers. Every key the facade writes has a TTL.
+is bound to the record's key (asked of ``service.credentials`` at each use: records written under
+a previous secret still verify during a rotation); a record that does not decode or verify, or a
+rate schedule beyond any legitimate one, is a shared-state failure like an unreachable Redis
+(UNAVAILABLE, counted), and the key is given an expiry so the id recovers. Every key the facade
+writes has a TTL.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -37,6 +39,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from . import observability as obs
 from .config import ConfigError, Settings
+from .credentials import Credentials
 from .errors import SharedStateUnavailable
 from .idempotency import Record
 from .ratelimit import Gcra, RateLimiter, Unlimited
@@ -204,7 +207,7 @@ return 0
 
 
 async def connect_shared_state(
-    settings: Settings,
+    settings: Settings, credentials: Credentials
 ) -> tuple[RateLimiter | Unlimited, RedisRecords]:
     assert settings.redis_url is not None
     client = aioredis.Redis.from_url(
@@ -224,15 +227,12 @@ async def connect_shared_state(
         schedule = RedisSchedule(client, key, settings.rate_limit_rps, settings.rate_limit_burst)
         limiter = RateLimiter(schedule, schedule.gcra.interval)
     records = RedisRecords(
-        client, record_key(settings), settings.account_sid.lower(), settings.idempotency_ttl
+        client,
+        credentials.record_mac_keys,
+        settings.account_sid.lower(),
+        settings.idempotency_ttl,
     )
     return limiter, records
-
-
-def record_key(settings: Settings) -> bytes:
-    """The records' HMAC key: derived from the Twilio secret, never stored anywhere."""
-    secret = settings.password.reveal().encode()
-    return hmac.new(secret, b"flexwebchat idempotency records v1", hashlib.sha256).digest()
 
 
 async def _check_version(client: aioredis.Redis) -> None:
@@ -337,10 +337,14 @@ class RedisRecords:
     """Idempotency records; a pending lock expires unless its owner's heartbeat renews it."""
 
     def __init__(
-        self, client: aioredis.Redis, mac_key: bytes, account: str, mark_ttl: float
+        self,
+        client: aioredis.Redis,
+        mac_keys: Callable[[], Sequence[bytes]],
+        account: str,
+        mark_ttl: float,
     ) -> None:
         self._client = client
-        self._mac_key = mac_key
+        self._mac_keys = mac_keys  # the first signs; every one verifies
         self._mark_ttl = mark_ttl  # how long a rewritten sent mark lives, as mark_sent's
         # Per account: two deployments sharing one Redis never see each other's request_ids.
         self._prefix = f"{PREFIX}:{account}"
@@ -445,9 +449,10 @@ class RedisRecords:
         except RedisError as exc:
             raise _unavailable(exc) from None
 
-    def _mac(self, key: str, fields: dict[str, Any]) -> str:
+    @staticmethod
+    def _mac(mac_key: bytes, key: str, fields: dict[str, Any]) -> str:
         signed = json.dumps([key, *(fields[name] for name in _SIGNED)], separators=(",", ":"))
-        return hmac.new(self._mac_key, signed.encode(), hashlib.sha256).hexdigest()
+        return hmac.new(mac_key, signed.encode(), hashlib.sha256).hexdigest()
 
     def _encode(self, key: str, record: Record) -> str:
         fields: dict[str, Any] = {
@@ -457,15 +462,12 @@ class RedisRecords:
             "ok": record.ok,
             "payload": base64.b64encode(record.payload).decode(),
         }
-        fields["mac"] = self._mac(key, fields)
+        mac_key = self._mac_keys()[0]
+        fields["mac"] = self._mac(mac_key, key, fields)
         # Signed apart, so that replicas reading only the fields above still verify the record.
         fields["completed_at"] = record.completed_at
-        fields["completed_mac"] = self._completed_mac(key, fields["mac"], record.completed_at)
+        fields["completed_mac"] = _completed_mac(mac_key, key, fields["mac"], record.completed_at)
         return json.dumps(fields)
-
-    def _completed_mac(self, key: str, mac: str, completed_at: float) -> str:
-        signed = json.dumps([key, mac, completed_at]).encode()
-        return hmac.new(self._mac_key, b"completed_at\x00" + signed, hashlib.sha256).hexdigest()
 
     def _decode(self, key: str, raw: bytes) -> Record:
         """The record, or ValueError saying why it cannot be trusted."""
@@ -474,7 +476,16 @@ class RedisRecords:
             fields = {name: data[name] for name in (*_SIGNED, "mac")}
         except (ValueError, TypeError, KeyError, RecursionError):  # Recursion: "[[[[..."
             raise ValueError("does not decode") from None
-        if not hmac.compare_digest(str(fields["mac"]), self._mac(key, fields)):
+        presented = str(fields["mac"])
+        mac_key = next(
+            (
+                mac_key
+                for mac_key in self._mac_keys()
+                if hmac.compare_digest(presented, self._mac(mac_key, key, fields))
+            ),
+            None,
+        )
+        if mac_key is None:
             raise ValueError("fails its HMAC (forged, or written with another secret)")
         fingerprint, owner, done, ok, payload = (fields[name] for name in _SIGNED)
         if not (
@@ -497,7 +508,7 @@ class RedisRecords:
         if completed_at != 0.0:
             if not isinstance(completed_at, float) or not hmac.compare_digest(
                 str(data.get("completed_mac")),
-                self._completed_mac(key, str(fields["mac"]), completed_at),
+                _completed_mac(mac_key, key, presented, completed_at),
             ):
                 raise ValueError("fails its HMAC (forged, or written with another secret)")
         return Record(
@@ -511,6 +522,11 @@ class RedisRecords:
 
 
 _SIGNED = ("fingerprint", "owner", "done", "ok", "payload")
+
+
+def _completed_mac(mac_key: bytes, key: str, mac: str, completed_at: float) -> str:
+    signed = json.dumps([key, mac, completed_at]).encode()
+    return hmac.new(mac_key, b"completed_at\x00" + signed, hashlib.sha256).hexdigest()
 
 
 def _untrusted(reason: str) -> SharedStateUnavailable:

@@ -26,7 +26,7 @@ import logging
 import platform
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -45,6 +45,7 @@ from tenacity.wait import wait_base
 from . import execution, tracing
 from . import observability as obs
 from .config import Settings
+from .credentials import Credentials
 from .deadline import Deadline
 from .errors import (
     DeadlineExceeded,
@@ -76,10 +77,24 @@ USER_AGENT = (
 )
 
 
-def new_http_client(settings: Settings) -> httpx.AsyncClient:
-    """The one long-lived HTTP client, for every Twilio host; create it inside the running loop."""
+class CurrentCredential(httpx.Auth):
+    """HTTP Basic with the credential the holder says is current, asked at each request."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self._credentials = credentials
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = self._credentials.auth_header()
+        yield request
+
+
+def new_http_client(
+    settings: Settings, credentials: Credentials | None = None
+) -> httpx.AsyncClient:
+    """The one long-lived HTTP client, for every Twilio host; create it inside the running loop.
+    It sends with the holder's current credential (a holder of ``settings``' own by default)."""
     return CookielessClient(
-        auth=httpx.BasicAuth(settings.username, settings.password.reveal()),
+        auth=CurrentCredential(credentials or Credentials(settings)),
         headers={"User-Agent": USER_AGENT},
         timeout=httpx.Timeout(settings.attempt_timeout, connect=min(settings.attempt_timeout, 5)),
         transport=AiohttpTransport(

@@ -18,6 +18,7 @@ from . import observability as obs
 from .auth import ANONYMOUS
 from .config import Settings
 from .conversations import ConversationsClient
+from .credentials import Credentials
 from .deadline import Deadline
 from .errors import (
     ConversationClosed,
@@ -62,6 +63,7 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
         idempotency: IdempotencyStore,
         tokens: GuestTokens | None,
         settings: Settings,
+        credentials: Credentials,
     ):
         self._flex = flex
         self._conversations = conversations
@@ -69,7 +71,9 @@ class WebChatServicer(webchat_pb2_grpc.WebChatServiceServicer):
         self._tokens = tokens
         self._settings = settings
         self._quota = CallerQuota(settings.max_pending_per_caller)
-        self._find_or_create = FindOrCreate(flex, conversations, idempotency.backend, settings)
+        self._find_or_create = FindOrCreate(
+            flex, conversations, idempotency.backend, settings, credentials
+        )
         self.executions = Executions()
 
     async def CreateWebChat(

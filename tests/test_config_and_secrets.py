@@ -77,8 +77,33 @@ def test_secrets_from_files(tmp_path: Path) -> None:
     ("env", "reason"),
     [
         ({}, "no Twilio credentials"),
-        ({"TWILIO_ACCOUNT_SID": ACCOUNT}, "no Twilio credentials"),
-        ({"TWILIO_API_KEY": KEY}, "must be set together"),
+        # Each names the variable that is missing, wrong or in conflict, and the fix.
+        ({"TWILIO_ACCOUNT_SID": ACCOUNT}, "TWILIO_ACCOUNT_SID is set without a secret: set"),
+        ({"TWILIO_AUTH_TOKEN": "t"}, "TWILIO_AUTH_TOKEN is set without TWILIO_ACCOUNT_SID: set"),
+        ({"TWILIO_API_KEY": KEY}, "TWILIO_API_KEY is set without TWILIO_API_SECRET: set"),
+        ({"TWILIO_API_SECRET": "s"}, "TWILIO_API_SECRET is set without TWILIO_API_KEY: set"),
+        (
+            {**CREDS, "TWILIO_PREVIOUS_API_KEY": KEY},
+            "TWILIO_PREVIOUS_API_KEY is set without TWILIO_PREVIOUS_API_SECRET: set",
+        ),
+        (
+            {"TWILIO_API_KEY": KEY, "TWILIO_API_SECRET": "s", "TWILIO_PREVIOUS_AUTH_TOKEN": "t"},
+            "TWILIO_PREVIOUS_AUTH_TOKEN needs TWILIO_ACCOUNT_SID",
+        ),
+        ({**CREDS, "TWILIO_REGION": "ie-1"}, "TWILIO_REGION must be one of us1, ie1, au1"),
+        (
+            # Checked even when both hosts are overridden: tokens carry the region too.
+            {**CREDS, "TWILIO_REGION": "eu1", "FLEX_API_BASE_URL": "http://127.0.0.1:1"},
+            "TWILIO_REGION must be one of us1, ie1, au1",
+        ),
+        (
+            {**CREDS, "FLEX_DEFAULT_DEADLINE_SECONDS": "90"},
+            "FLEX_DEFAULT_DEADLINE_SECONDS (90) is above FLEX_MAX_DEADLINE_SECONDS (60)",
+        ),
+        (
+            {**CREDS, "IDEMPOTENCY_LOCK_SECONDS": "120", "IDEMPOTENCY_TTL_SECONDS": "60"},
+            "IDEMPOTENCY_LOCK_SECONDS (120) is above IDEMPOTENCY_TTL_SECONDS (60)",
+        ),
         (
             {"TWILIO_ACCOUNT_SID": "ACnope", "TWILIO_AUTH_TOKEN": "t"},
             "TWILIO_ACCOUNT_SID must look like",

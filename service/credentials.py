@@ -1,0 +1,223 @@
+"""The one holder of the facade's Twilio credentials, current and previous, and of every key
+derived from them. Whoever needs a key asks here, each time, so a reload changes them all at once.
+
+* Upstream requests are sent with the current credential only (``auth_header``).
+* Guest tokens are signed with the current API key (``signing_key``) and verified with it or a
+  previous one (``verification_keys``).
+* Idempotency records carry an HMAC under the current secret's record key; records written
+  under a previous secret still verify (``record_mac_keys``, current first).
+* The identity the facade chooses for a request_id is an HMAC keyed with the current secret,
+  which no caller sees (``identity_keys``); the previous secrets' keys only serve to find the
+  conversation of a request_id that was pending when the secret changed.
+
+The previous credentials are the configured ones (``TWILIO_PREVIOUS_API_KEY`` +
+``TWILIO_PREVIOUS_API_SECRET``, ``TWILIO_PREVIOUS_AUTH_TOKEN``) and every credential a reload
+replaced, until the process restarts. Secrets given as ``NAME_FILE`` (how Kubernetes mounts a
+Secret, and swaps it on an update) are re-read when their content changes, as
+``service.auth.CallerTokens`` re-reads its file: a valid new set applies atomically, an invalid
+one is logged at error, counted in ``flexwebchat_config_reload_failures_total{file=VARIABLE}`` and
+the set in use is kept. ``REDIS_URL_FILE`` is watched the same way; its listeners reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import observability as obs
+from .config import (
+    CREDENTIAL_VARIABLES,
+    ConfigError,
+    Credential,
+    CredentialSet,
+    Secret,
+    Settings,
+    read_credentials,
+    redis_url,
+)
+from .tokens import SigningKey
+
+log = logging.getLogger("flexwebchat.credentials")
+
+RELOAD_CHECK_SECONDS = 1.0
+_RECORD_KEY_LABEL = b"flexwebchat idempotency records v1"
+_IDENTITY_KEY_LABEL = b"flexwebchat identities v1"
+
+
+@dataclass(frozen=True)
+class _Keys:
+    """Everything derived from one credential set: replaced as a whole, never in part."""
+
+    credentials: CredentialSet
+    auth_header: str
+    record_mac_keys: tuple[bytes, ...]
+    identity_keys: tuple[bytes, ...]
+    verification_keys: tuple[SigningKey, ...]
+
+    @classmethod
+    def of(cls, credentials: CredentialSet) -> _Keys:
+        every = (credentials.current, *credentials.previous)
+        current = credentials.current
+        basic = f"{current.user}:{current.secret.reveal()}".encode()
+        return cls(
+            credentials,
+            "Basic " + base64.b64encode(basic).decode(),
+            tuple(_derive(c.secret, _RECORD_KEY_LABEL) for c in every),
+            tuple(dict.fromkeys(_derive(c.secret, _IDENTITY_KEY_LABEL) for c in every)),
+            tuple(SigningKey(c.user, c.secret) for c in every if c.is_api_key),
+        )
+
+    def __repr__(self) -> str:
+        return f"_Keys(current={self.credentials.current.user!r})"
+
+
+def _derive(secret: Secret, label: bytes) -> bytes:
+    return hmac.new(secret.reveal().encode(), label, hashlib.sha256).digest()
+
+
+class Credentials:
+    """The current and previous Twilio credentials; see the module's description."""
+
+    def __init__(self, settings: Settings) -> None:
+        initial = settings.credentials or CredentialSet(
+            settings.account_sid, Credential(settings.username, settings.password)
+        )
+        self._keys = _Keys.of(initial)
+        self._tokens_required = bool(settings.conversations_service_sid)
+        self._sources = dict(settings.secret_sources)
+        self._files = {name: path for name, path in self._sources.items() if name.endswith("_FILE")}
+        self._digests = self._read_digests()
+        self._redis_listeners: list[Callable[[str], object]] = []
+
+    def __repr__(self) -> str:
+        return repr(self._keys)
+
+    @property
+    def account_sid(self) -> str:
+        return self._keys.credentials.account_sid
+
+    @property
+    def current(self) -> Credential:
+        """The credential requests are sent with."""
+        return self._keys.credentials.current
+
+    @property
+    def previous(self) -> tuple[Credential, ...]:
+        return self._keys.credentials.previous
+
+    def auth_header(self) -> str:
+        """The ``Authorization`` header value for upstream requests (current credential)."""
+        return self._keys.auth_header
+
+    def signing_key(self) -> SigningKey:
+        """The API key that signs guest tokens (tokens are on only with an API key, and a reload
+        that would take it away is refused)."""
+        current = self._keys.credentials.current
+        return SigningKey(current.user, current.secret)
+
+    def verification_keys(self) -> tuple[SigningKey, ...]:
+        """The API keys whose tokens are accepted for refresh: the current one first."""
+        return self._keys.verification_keys
+
+    def record_mac_keys(self) -> tuple[bytes, ...]:
+        """HMAC keys of idempotency records: the first signs, every one verifies."""
+        return self._keys.record_mac_keys
+
+    def identity_keys(self) -> tuple[bytes, ...]:
+        """Keys of the identities the facade chooses: the first for new requests, the others
+        only to find a pending request's conversation."""
+        return self._keys.identity_keys
+
+    # Reloading
+
+    def on_redis_url(self, listener: Callable[[str], object]) -> None:
+        """``listener(url)`` is called with a new, valid REDIS_URL from REDIS_URL_FILE."""
+        self._redis_listeners.append(listener)
+
+    async def watch(self, interval: float = RELOAD_CHECK_SECONDS) -> None:
+        """Re-reads the secret files every ``interval`` seconds, for as long as it runs."""
+        while True:
+            await asyncio.sleep(interval)
+            self.check_files()
+
+    def check_files(self) -> None:
+        """Applies the secret files' new content, if any changed since they were last read."""
+        digests = self._read_digests()
+        changed = [name for name, digest in digests.items() if digest != self._digests.get(name)]
+        if not changed:
+            return
+        self._digests = digests
+        if "REDIS_URL_FILE" in changed:
+            self._reload_redis_url()
+        if any(name.removesuffix("_FILE") in CREDENTIAL_VARIABLES for name in changed):
+            self._reload_credentials([n for n in changed if n != "REDIS_URL_FILE"])
+
+    def _read_digests(self) -> dict[str, bytes]:
+        digests = {}
+        for name, path in self._files.items():
+            try:
+                digests[name] = hashlib.sha256(Path(path).read_bytes()).digest()
+            except OSError:
+                digests[name] = b""
+        return digests
+
+    def _reload_credentials(self, changed: list[str]) -> None:
+        try:
+            loaded = read_credentials(self._sources)
+            self._check_compatible(loaded)
+        except ConfigError as exc:
+            obs.reload_failed(
+                changed[0], "new Twilio credentials refused; kept those in use", str(exc)
+            )
+            return
+        old = self._keys.credentials
+        previous = [*loaded.previous, *old.previous]
+        if loaded.current != old.current:
+            previous.insert(0, old.current)  # kept until restart: records and tokens it signed
+        unique = tuple(c for c in dict.fromkeys(previous) if c != loaded.current)
+        self._keys = _Keys.of(CredentialSet(loaded.account_sid, loaded.current, unique))
+        log.info(
+            "reloaded Twilio credentials",
+            extra={
+                "fields": {
+                    "files": changed,
+                    "sends_with": loaded.current.user,
+                    "previous_accepted": len(unique),
+                }
+            },
+        )
+
+    def _check_compatible(self, loaded: CredentialSet) -> None:
+        """What a running facade cannot change: the account (its rate budget and records are
+        keyed by it), and signing tokens when guest tokens are on."""
+        if loaded.account_sid != self.account_sid:
+            raise ConfigError(
+                "TWILIO_ACCOUNT_SID changed: another account needs a restart, not a reload"
+            )
+        if self._tokens_required and not loaded.current.is_api_key:
+            raise ConfigError(
+                "guest tokens are on (TWILIO_CONVERSATIONS_SERVICE_SID) and need "
+                "TWILIO_API_KEY and TWILIO_API_SECRET"
+            )
+
+    def _reload_redis_url(self) -> None:
+        refused = "new REDIS_URL refused; kept the one in use"
+        try:
+            url = redis_url(Path(self._files["REDIS_URL_FILE"]).read_text(encoding="utf-8").strip())
+        except OSError as exc:
+            obs.reload_failed("REDIS_URL_FILE", refused, exc.strerror or type(exc).__name__)
+            return
+        except ConfigError as exc:
+            obs.reload_failed("REDIS_URL_FILE", refused, str(exc))
+            return
+        if url is None:
+            obs.reload_failed("REDIS_URL_FILE", refused, "empty")
+            return
+        for listener in self._redis_listeners:
+            listener(url.reveal())
