@@ -17,8 +17,8 @@ errors in Twilio's shape. Faults and latency apply to every endpoint. Tests stee
   "latency": 0.5, "body": "raw text", "drop": true, "after": true, "path": "/v2/WebChats"}``
   (drop closes the connection unanswered; after: the request is processed first, e.g. the
   conversation is created, and then answered with the fault: Twilio's "ambiguous" failures; path:
-  the fault waits for a request whose path starts with it)
-  (a request of the credential check takes only a fault with a path)
+  the fault waits for a request whose path starts with it; the credential check's requests
+  take only such faults)
 * ``POST /__emulator/credentials``  ``{"SK…": "secret", "AC…": "token"}``: the credentials it
   accepts from now on (a rotation at Twilio; the defaults are ACCOUNT_SID/AUTH_TOKEN and
   API_KEY/API_SECRET)
@@ -27,7 +27,8 @@ errors in Twilio's shape. Faults and latency apply to every endpoint. Tests stee
 
 It also answers the facade's start-up credential check: ``GET /v1/Configuration`` (Flex's
 configuration, on the flex-api host) and ``GET /v1/Services/{IS}`` (the conversations service;
-404 for any other SID than SERVICE_SID).
+404 for any other SID than SERVICE_SID). Those requests are listed apart, at
+``GET /__emulator/checks``, so that the request log holds the calls' requests only.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class Emulator:
     rate_limit: float = 5.0
     credentials: dict[str, str] = field(default_factory=dict)
     requests: list[dict[str, Any]] = field(default_factory=list)
+    checks: list[dict[str, Any]] = field(default_factory=list)  # credential checks' requests
     faults: list[dict[str, Any]] = field(default_factory=list)
     latency: float = 0.0
     bucket: TokenBucket | None = None
@@ -93,6 +95,7 @@ class Emulator:
 
     def reset(self) -> None:
         self.requests.clear()
+        self.checks.clear()
         self.faults.clear()
         self.conversations.clear()
         self.states.clear()
@@ -111,6 +114,7 @@ class Emulator:
         app.router.add_get("/v1/Configuration", self.configuration)
         app.router.add_get("/v1/Services/{service}", self.service)
         app.router.add_get("/__emulator/requests", self.list_requests)
+        app.router.add_get("/__emulator/checks", self.list_checks)
         app.router.add_get("/__emulator/conversations", self.list_conversations)
         app.router.add_post("/__emulator/conversations/{sid}", self.set_conversation_state)
         app.router.add_post("/__emulator/faults", self.add_faults)
@@ -128,13 +132,13 @@ class Emulator:
         return await self._handle(request, self._user_conversations, rate_limited=False)
 
     async def configuration(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, self._configuration, rate_limited=False)
+        return await self._handle(request, self._configuration, rate_limited=False, check=True)
 
     async def service(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, self._service, rate_limited=False)
+        return await self._handle(request, self._service, rate_limited=False, check=True)
 
     async def _handle(
-        self, request: web.Request, answer: Any, *, rate_limited: bool
+        self, request: web.Request, answer: Any, *, rate_limited: bool, check: bool = False
     ) -> web.StreamResponse:
         form = await request.post()
         entry: dict[str, Any] = {
@@ -146,8 +150,9 @@ class Emulator:
             "status": None,
             "conversation_sid": None,
         }
-        self.requests.append(entry)
-        response = await self._answer(request, entry["form"], answer, rate_limited)
+        (self.checks if check else self.requests).append(entry)
+        fault = self._next_fault(request.path, check)
+        response = await self._answer(request, entry["form"], answer, rate_limited, fault)
         entry["status"] = response.status if response is not None else "dropped"
         entry["conversation_sid"] = request.get("conversation_sid")
         if response is None:
@@ -157,11 +162,15 @@ class Emulator:
         return response
 
     async def _answer(
-        self, request: web.Request, form: dict[str, str], answer: Any, rate_limited: bool
+        self,
+        request: web.Request,
+        form: dict[str, str],
+        answer: Any,
+        rate_limited: bool,
+        fault: dict[str, Any],
     ) -> web.Response | None:
         if self.latency:
             await asyncio.sleep(self.latency)
-        fault = self._next_fault(request.path)
         await asyncio.sleep(float(fault.get("latency", 0)))
         if not fault.get("after"):
             if fault.get("drop"):
@@ -175,8 +184,10 @@ class Emulator:
             return _fault_response(fault)
         return response
 
-    def _next_fault(self, path: str) -> dict[str, Any]:
+    def _next_fault(self, path: str, check: bool) -> dict[str, Any]:
         for index, fault in enumerate(self.faults):
+            if "path" not in fault and check:
+                continue  # a fault for the calls: the credential check never takes it
             if path.startswith(fault.get("path", "")):
                 return self.faults.pop(index)
         return {}
@@ -282,6 +293,9 @@ class Emulator:
 
     async def list_requests(self, request: web.Request) -> web.Response:
         return web.json_response(self.requests)
+
+    async def list_checks(self, request: web.Request) -> web.Response:
+        return web.json_response(self.checks)
 
     async def list_conversations(self, request: web.Request) -> web.Response:
         return web.json_response(self.conversations)

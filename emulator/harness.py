@@ -82,6 +82,10 @@ class EmulatorProcess:
     def requests(self) -> list[dict[str, Any]]:
         return list(self.control.get("/__emulator/requests").json())
 
+    def checks(self) -> list[dict[str, Any]]:
+        """The facades' credential checks, apart from ``requests``."""
+        return list(self.control.get("/__emulator/checks").json())
+
     def conversations(self) -> dict[str, str]:
         """Every conversation the emulator created (what Twilio would hold): SID -> identity."""
         return dict(self.control.get("/__emulator/conversations").json())

@@ -24,6 +24,7 @@ from .auth import CallerTokens, server_credentials
 from .config import ConfigError, Settings
 from .connections import ConnectionShares, UnauthenticatedConnections
 from .conversations import ConversationsClient
+from .credential_check import CredentialCheck
 from .credentials import Credentials
 from .flex import FlexClient
 from .idempotency import IdempotencyStore, LocalRecords, RecordBackend
@@ -66,6 +67,8 @@ class Facade:
         tokens = CallerTokens(settings.auth_tokens_file) if settings.auth_tokens_file else None
         secrets = Credentials(settings)
         http = new_http_client(settings, secrets)
+        check = CredentialCheck(http, settings, secrets)
+        checked = await check.at_start()  # refused credentials: ConfigError, exit 2
         limiter, records, first_answer = await _state(settings, secrets)
         idempotency = IdempotencyStore(
             records, ttl_seconds=settings.idempotency_ttl, lock_seconds=settings.idempotency_lock
@@ -134,6 +137,8 @@ class Facade:
             await health_server.start()
         background = [asyncio.create_task(sweep.run()) for sweep in sweeps if sweep.available()]
         background.append(asyncio.create_task(secrets.watch()))
+        if not checked:
+            background.append(asyncio.create_task(check.until_conclusive()))
         await server.start()
         if tokens is not None and credentials is None:
             log.warning(

@@ -35,7 +35,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    RedisError,
+    ResponseError,
+)
 
 from . import observability as obs
 from .config import ConfigError, Settings
@@ -235,10 +240,21 @@ async def connect_shared_state(
     return limiter, records
 
 
+# Redis answered, and refused REDIS_URL's user or password.
+_REFUSED_LOGIN = (AuthenticationError, AuthenticationWrongNumberOfArgsError)
+REFUSED_LOGIN_MESSAGE = (
+    "REDIS_URL: Redis refused its user or password ({}): put the right ones in REDIS_URL "
+    "(redis://:PASSWORD@host:port/0, or redis://USER:PASSWORD@... with ACLs)"
+)
+
+
 async def _check_version(client: aioredis.Redis) -> None:
-    """ConfigError for a Redis older than 7.0; RedisError when it cannot be reached."""
+    """ConfigError for a Redis older than 7.0 or refusing the URL's password; RedisError when it
+    cannot be reached."""
     try:
         info = await client.info("server")
+    except _REFUSED_LOGIN as exc:
+        raise ConfigError(REFUSED_LOGIN_MESSAGE.format(_first_word(exc))) from None
     except RedisError as exc:
         if not isinstance(exc, ResponseError):
             raise
@@ -428,10 +444,10 @@ class RedisRecords:
             except RedisError as exc:
                 obs.SHARED_STATE_ERRORS.inc()
                 if failures == 0:  # once, not every second
-                    log.error(
-                        "Redis is unreachable at startup; NOT_SERVING until it answers",
-                        extra={"fields": {"error": type(exc).__name__}},
-                    )
+                    message = "Redis is unreachable at startup; NOT_SERVING until it answers"
+                    if isinstance(exc, _REFUSED_LOGIN):
+                        message = REFUSED_LOGIN_MESSAGE.format(_first_word(exc))
+                    log.error(message, extra={"fields": {"error": type(exc).__name__}})
                 failures += 1
             else:
                 if failures:
@@ -533,6 +549,11 @@ def _untrusted(reason: str) -> SharedStateUnavailable:
     obs.SHARED_STATE_ERRORS.inc()
     log.error("untrusted shared state", extra={"fields": {"error": reason}})
     return SharedStateUnavailable(reason)
+
+
+def _first_word(exc: RedisError) -> str:
+    """Redis's error code (WRONGPASS, NOAUTH), never the rest, which may quote the URL."""
+    return (str(exc).split() or [type(exc).__name__])[0]
 
 
 def _wrong_type(exc: RedisError) -> bool:

@@ -224,13 +224,17 @@ def test_settings_repr_hides_secrets() -> None:
 def test_secrets_never_appear_in_logs_or_errors_on_upstream_401(
     make_facade, upstream: EmulatorProcess, kind: str
 ) -> None:
+    from emulator.app import ACCOUNT_SID
+
     secret = "SECRET-" + kind + "-7f3a9c"
     creds = (
         {"TWILIO_AUTH_TOKEN": secret}
         if kind == "auth_token"
         else {"TWILIO_API_KEY": KEY, "TWILIO_API_SECRET": secret}
     )
+    upstream.accept_credentials({KEY if kind == "api_key" else ACCOUNT_SID: secret})
     facade = make_facade(upstream.url, LOG_LEVEL="DEBUG", **creds)
+    upstream.accept_credentials({})  # revoked at Twilio after the start-up check
     with pytest.raises(grpc.RpcError) as caught:
         facade.create()
 
@@ -314,3 +318,16 @@ def test_the_open_file_limit_is_raised_to_what_the_connection_cap_needs(
     )
     assert f"limit {hard} {hard}" in result.stdout, result.stderr
     assert ("open-file limit is below" in result.stdout) == warned
+
+
+def test_a_redis_password_refused_is_a_one_line_refusal_naming_redis_url(redis_server) -> None:
+    import redis
+
+    redis.Redis(port=redis_server.port).config_set("requirepass", "the-right-password")
+    for url in (
+        redis_server.url,  # no password at all
+        f"redis://:wrong-pass-9e2b@127.0.0.1:{redis_server.port}/0",
+    ):
+        line = refusal(facade_env("http://127.0.0.1:1", REDIS_URL=url))
+        assert "REDIS_URL: Redis refused its user or password" in line, line
+        assert "wrong-pass" not in line

@@ -98,3 +98,53 @@ def test_records_and_guest_sessions_of_the_previous_key_survive_a_restart_rotati
         after.refresh(chat.access_token)
     assert rich_status(caught.value)["ErrorInfo"].reason == "TOKEN_INVALID"
     assert after.refresh(fresh.access_token).identity == chat.identity
+
+
+def start_refusal(upstream: EmulatorProcess, **overrides: str) -> str:
+    """Runs the facade against the emulator, expects exit 2; returns its one line."""
+    from test_config_and_secrets import refusal
+
+    from emulator.harness import facade_env
+
+    return refusal(facade_env(upstream.url, **overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        ({"TWILIO_AUTH_TOKEN": "a-garbage-auth-token-7f3a"}, "check TWILIO_AUTH_TOKEN"),
+        ({"TWILIO_API_KEY": API_KEY, "TWILIO_API_SECRET": "garbage-7f3a"}, "TWILIO_API_SECRET"),
+    ],
+)
+def test_credentials_twilio_refuses_stop_the_start_naming_the_variable(
+    upstream: EmulatorProcess, overrides: dict[str, str], names: str
+) -> None:
+    line = start_refusal(upstream, **overrides)
+    assert "Twilio refused the credentials (HTTP 401" in line and names in line
+    assert "7f3a" not in line  # the secret itself never
+    assert upstream.requests() == []  # a read only: nothing was created
+    assert [c["path"] for c in upstream.checks()] == ["/v1/Configuration"]
+
+
+def test_an_unknown_conversations_service_stops_the_start_naming_it(
+    upstream: EmulatorProcess,
+) -> None:
+    env = {**guest_env(upstream.url), "TWILIO_CONVERSATIONS_SERVICE_SID": "IS" + "9" * 32}
+    line = start_refusal(upstream, **env)
+    assert "TWILIO_CONVERSATIONS_SERVICE_SID=IS99" in line and "404" in line
+
+
+@pytest.mark.parametrize("fault", [{"status": 503}, {"status": 500}, {"status": 429}])
+def test_twilio_unavailable_at_start_serves_and_checks_again(
+    make_facade: Any, upstream: EmulatorProcess, fault: dict[str, Any]
+) -> None:
+    upstream.fault({**fault, "path": "/v1/Configuration"})
+    facade = make_facade(upstream.url)
+    assert facade.create().conversation_sid.startswith("CH")
+    [warning] = [line for line in facade.log_lines() if line["level"] == "warning"]
+    assert warning["msg"].startswith("could not check the Twilio credentials at start")
+    deadline = time.monotonic() + 10
+    while "Twilio accepted the credentials" not in facade.logs():
+        assert time.monotonic() < deadline, facade.logs()
+        time.sleep(0.1)
+    assert [c["status"] for c in upstream.checks()][-1] == 200

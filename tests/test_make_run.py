@@ -10,9 +10,12 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from conftest import ROOT, free_port
+import httpx
+import pytest
+from conftest import ADDRESS_SID, ROOT, free_port
 from test_grpcurl import GRPCURL
 
 from emulator.harness import wait_until_serving
@@ -55,9 +58,7 @@ def test_make_run_falls_back_to_the_emulator_loudly_and_serves(tmp_path: Path) -
                 or "zombie" in Path(f"/proc/{pid}/status").read_text()
             )
     finally:
-        with contextlib.suppress(ProcessLookupError):  # nothing outlives a failed test
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_family(proc)
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -152,3 +153,85 @@ def readme_walk_through(port: int) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("CH"), result.stdout
+
+
+def devrun(tmp_path: Path, **overrides: str) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """`make run`'s runner in a process group of its own, as a terminal's foreground job."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "FLEX_", "REDIS"))}
+    port = free_port()
+    env.update(GRPC_PORT=str(port), METRICS_PORT="0", **overrides)
+    stderr = tmp_path / "stderr"
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "emulator.devrun"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
+    return proc, port, stderr
+
+
+def kill_family(proc: subprocess.Popen[bytes]) -> None:
+    """Nothing outlives a failed test: the runner and its children (in sessions of their own)."""
+    with contextlib.suppress(OSError):
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(pid), signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [
+        ({"TWILIO_API_KEY": "SK" + "0" * 32}, "TWILIO_API_KEY is set without TWILIO_API_SECRET"),
+        ({"TWILIO_ACCOUNT_SID": "AC" + "0" * 32}, "TWILIO_ACCOUNT_SID is set without a secret"),
+        ({"TWILIO_REGION": "ie1"}, "no Twilio credentials"),
+    ],
+)
+def test_make_run_with_any_twilio_variable_never_runs_the_emulator(
+    tmp_path: Path, variables: dict[str, str], named: str
+) -> None:
+    proc, _, stderr = devrun(tmp_path, **variables)
+    try:
+        assert proc.wait(30) == 2
+    finally:
+        kill_family(proc)
+    said = stderr.read_text()
+    assert named in said and "EMULATOR" not in said
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_make_run_one_ctrl_c_drains_and_a_second_stops_at_once(
+    tmp_path: Path, presses: int
+) -> None:
+    import grpc
+    from flexwebchat.v1 import webchat_pb2, webchat_pb2_grpc
+
+    proc, port, stderr = devrun(tmp_path, SHUTDOWN_GRACE_SECONDS="30")
+    try:
+        assert wait_until_serving(f"127.0.0.1:{port}", proc, timeout=20)
+        emulator = re.search(r"EMULATOR at (\S+)\.", stderr.read_text())
+        assert emulator
+        httpx.post(emulator[1] + "/__emulator/faults", json={"latency": 3}).raise_for_status()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = webchat_pb2_grpc.WebChatServiceStub(channel)
+            request = webchat_pb2.CreateWebChatRequest(address_sid=ADDRESS_SID)
+            call = stub.CreateWebChat.future(request, timeout=20)
+            time.sleep(1)  # the create is at the emulator now
+            for _ in range(presses):
+                os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+                time.sleep(0.3)
+            if presses == 1:
+                assert call.result().conversation_sid.startswith("CH")  # drained, not cut
+            else:
+                with pytest.raises(grpc.RpcError):
+                    call.result()  # cut at once
+        assert proc.wait(20) in (0, -signal.SIGINT)
+        assert proc.returncode == 0 or presses == 2
+    finally:
+        kill_family(proc)
