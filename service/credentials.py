@@ -94,6 +94,7 @@ class Credentials:
         self._files = {name: path for name, path in self._sources.items() if name.endswith("_FILE")}
         self._digests = self._read_digests()
         self._redis_listeners: list[Callable[[str], object]] = []
+        self._replaced: list[Credential] = []  # sent with before a reload, most recent first
 
     def __repr__(self) -> str:
         return repr(self._keys)
@@ -152,11 +153,12 @@ class Credentials:
         changed = [name for name, digest in digests.items() if digest != self._digests.get(name)]
         if not changed:
             return
-        self._digests = digests
+        credentials = [n for n in changed if n.removesuffix("_FILE") in CREDENTIAL_VARIABLES]
+        if credentials and not self._reload_credentials(credentials, digests):
+            return  # the files changed while being read: look again at the next check
         if "REDIS_URL_FILE" in changed:
             self._reload_redis_url()
-        if any(name.removesuffix("_FILE") in CREDENTIAL_VARIABLES for name in changed):
-            self._reload_credentials([n for n in changed if n != "REDIS_URL_FILE"])
+        self._digests = digests
 
     def _read_digests(self) -> dict[str, bytes]:
         digests = {}
@@ -167,19 +169,25 @@ class Credentials:
                 digests[name] = b""
         return digests
 
-    def _reload_credentials(self, changed: list[str]) -> None:
+    def _reload_credentials(self, changed: list[str], digests: dict[str, bytes]) -> bool:
+        """Applies the files' credentials, or keeps those in use when they are invalid; False
+        when the files changed while being read (a half-swapped set is never applied)."""
         try:
             loaded = read_credentials(self._sources)
-            self._check_compatible(loaded)
+            problem = self._incompatibility(loaded)
         except ConfigError as exc:
+            problem = str(exc)
+        if self._read_digests() != digests:
+            return False
+        if problem:
             obs.reload_failed(
-                changed[0], "new Twilio credentials refused; kept those in use", str(exc)
+                changed[0], "new Twilio credentials refused; kept those in use", problem
             )
-            return
+            return True
         old = self._keys.credentials
-        previous = [*loaded.previous, *old.previous]
         if loaded.current != old.current:
-            previous.insert(0, old.current)  # kept until restart: records and tokens it signed
+            self._replaced.insert(0, old.current)  # until restart: what it signed still verifies
+        previous = (*loaded.previous, *self._replaced)
         unique = tuple(c for c in dict.fromkeys(previous) if c != loaded.current)
         self._keys = _Keys.of(CredentialSet(loaded.account_sid, loaded.current, unique))
         log.info(
@@ -192,19 +200,19 @@ class Credentials:
                 }
             },
         )
+        return True
 
-    def _check_compatible(self, loaded: CredentialSet) -> None:
-        """What a running facade cannot change: the account (its rate budget and records are
-        keyed by it), and signing tokens when guest tokens are on."""
+    def _incompatibility(self, loaded: CredentialSet) -> str:
+        """What a running facade cannot change, or '': the account (its rate budget and records
+        are keyed by it), and signing tokens when guest tokens are on."""
         if loaded.account_sid != self.account_sid:
-            raise ConfigError(
-                "TWILIO_ACCOUNT_SID changed: another account needs a restart, not a reload"
-            )
+            return "TWILIO_ACCOUNT_SID changed: another account needs a restart, not a reload"
         if self._tokens_required and not loaded.current.is_api_key:
-            raise ConfigError(
+            return (
                 "guest tokens are on (TWILIO_CONVERSATIONS_SERVICE_SID) and need "
                 "TWILIO_API_KEY and TWILIO_API_SECRET"
             )
+        return ""
 
     def _reload_redis_url(self) -> None:
         refused = "new REDIS_URL refused; kept the one in use"

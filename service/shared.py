@@ -215,15 +215,11 @@ async def connect_shared_state(
     settings: Settings, credentials: Credentials
 ) -> tuple[RateLimiter | Unlimited, RedisRecords]:
     assert settings.redis_url is not None
-    client = aioredis.Redis.from_url(
-        settings.redis_url.reveal(),
-        socket_timeout=SOCKET_TIMEOUT,
-        socket_connect_timeout=SOCKET_TIMEOUT,
-        retry_on_timeout=False,
-    )
+    client = _client(settings.redis_url.reveal())
     with contextlib.suppress(RedisError):  # unreachable: readiness waits for it (first_answer)
         await _check_version(client)
     limiter: RateLimiter | Unlimited = Unlimited()
+    schedule: RedisSchedule | None = None
     if settings.rate_limit_rps > 0:
         # Twilio's limit is per account, so is the budget: keyed by the account SID, never the
         # credential, or an auth token and an API key (or two keys mid-rotation) get one each.
@@ -237,7 +233,32 @@ async def connect_shared_state(
         settings.account_sid.lower(),
         settings.idempotency_ttl,
     )
+
+    def reconnect(url: str) -> None:
+        """A new REDIS_URL (from REDIS_URL_FILE): later operations use it; the old client is
+        closed once operations already sent on it have had their time."""
+        new, old = _client(url), records.client
+        records.use(new)
+        if schedule is not None:
+            schedule.use(new)
+        log.info("reconnecting to Redis with the new REDIS_URL")
+        loop = asyncio.get_running_loop()
+        loop.call_later(OLD_CLIENT_GRACE, lambda: loop.create_task(old.aclose()))
+
+    credentials.on_redis_url(reconnect)
     return limiter, records
+
+
+OLD_CLIENT_GRACE = 10 * SOCKET_TIMEOUT
+
+
+def _client(url: str) -> aioredis.Redis:
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=SOCKET_TIMEOUT,
+        retry_on_timeout=False,
+    )
 
 
 # Redis answered, and refused REDIS_URL's user or password.
@@ -308,12 +329,10 @@ class RedisSchedule:
     in turn."""
 
     def __init__(self, client: aioredis.Redis, key: str, rate: float, burst: int) -> None:
-        self._client = client
+        self.use(client)
         self._keys = [key, f"{key}:waiting", f"{key}:served"]
         self.gcra = Gcra(rate, burst)
         self.contenders = 0
-        self._take = client.register_script(TAKE)
-        self._penalize = client.register_script(PENALIZE)
         # A legitimate schedule is never further ahead than a slot or the longest 429 pause.
         self._max_ahead = MAX_PAUSE_SECONDS + self.gcra.tolerance + self.gcra.interval + 1.0
         # How long a due slot is kept for the caller in turn: every replica with calls waiting
@@ -322,6 +341,12 @@ class RedisSchedule:
         # A replica with calls waiting asks at least once per slot; a caller not asked for
         # within two is no longer waiting there.
         self._lease = 2 * (self.gcra.interval + self._grace)
+
+    def use(self, client: aioredis.Redis) -> None:
+        """Sends every later operation to ``client`` (a reconnect with a new REDIS_URL)."""
+        self._client = client
+        self._take = client.register_script(TAKE)
+        self._penalize = client.register_script(PENALIZE)
 
     async def take(self, callers: Sequence[str]) -> tuple[float, str]:
         args: list[Any] = [
@@ -359,11 +384,15 @@ class RedisRecords:
         account: str,
         mark_ttl: float,
     ) -> None:
-        self._client = client
         self._mac_keys = mac_keys  # the first signs; every one verifies
         self._mark_ttl = mark_ttl  # how long a rewritten sent mark lives, as mark_sent's
         # Per account: two deployments sharing one Redis never see each other's request_ids.
         self._prefix = f"{PREFIX}:{account}"
+        self.use(client)
+
+    def use(self, client: aioredis.Redis) -> None:
+        """Sends every later operation to ``client`` (a reconnect with a new REDIS_URL)."""
+        self._client = client
         self._refresh = client.register_script(REFRESH)
         self._complete = client.register_script(COMPLETE)
         self._release = client.register_script(RELEASE)
@@ -455,6 +484,10 @@ class RedisRecords:
                 await _check_eviction_policy(self._client)
                 return
             await asyncio.sleep(interval)
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._client
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -148,3 +148,226 @@ def test_twilio_unavailable_at_start_serves_and_checks_again(
         assert time.monotonic() < deadline, facade.logs()
         time.sleep(0.1)
     assert [c["status"] for c in upstream.checks()][-1] == 200
+
+
+# Reloading: the holder on its own, then a rotation under load through real processes.
+
+KEY_2 = "SK" + "2" * 32
+KEY_3 = "SK" + "3" * 32
+
+
+class SecretVolume:
+    """A Secret mounted as Kubernetes mounts it: each file is a symlink into ``..data``, itself a
+    symlink to a fresh directory per version, swapped in one rename, so readers never see half
+    an update."""
+
+    def __init__(self, root: Any, **values: str) -> None:
+        self.root, self.version = root, 0
+        self.names = list(values)
+        self.update(**values)
+        for name in self.names:
+            (root / name).symlink_to(f"..data/{name}")
+
+    def update(self, **values: str) -> None:
+        self.version += 1
+        version = self.root / f"..v{self.version}"
+        version.mkdir()
+        for name in self.names:
+            (version / name).write_text(values.get(name, ""))
+        (self.root / "..data_tmp").symlink_to(version.name)
+        (self.root / "..data_tmp").rename(self.root / "..data")
+
+    def env(self) -> dict[str, str]:
+        return {f"{name}_FILE": str(self.root / name) for name in self.names}
+
+
+API_FILES = (
+    "TWILIO_API_KEY",
+    "TWILIO_API_SECRET",
+    "TWILIO_PREVIOUS_API_KEY",
+    "TWILIO_PREVIOUS_API_SECRET",
+)
+
+
+def api_volume(root: Any, key: str, secret: str, previous: tuple[str, str] = ("", "")) -> Any:
+    values = dict(zip(API_FILES, (key, secret, *previous), strict=True))
+    return SecretVolume(root, **values)
+
+
+def holder(volume: SecretVolume) -> Any:
+    from service.config import Settings
+    from service.credentials import Credentials
+
+    env = {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, **volume.env()}
+    return Credentials(Settings.from_env(env))
+
+
+def test_a_reloaded_credential_sends_and_the_replaced_one_still_verifies(tmp_path: Any) -> None:
+    volume = api_volume(tmp_path, API_KEY, API_SECRET)
+    credentials = holder(volume)
+    before = credentials.auth_header(), credentials.record_mac_keys(), credentials.identity_keys()
+    volume.update(TWILIO_API_KEY=KEY_2, TWILIO_API_SECRET=NEW_SECRET)
+    credentials.check_files()
+    assert credentials.current.user == KEY_2 and credentials.auth_header() != before[0]
+    assert [key for key, _ in credentials.verification_keys()] == [KEY_2, API_KEY]
+    assert credentials.record_mac_keys()[1:] == before[1] != credentials.record_mac_keys()[:1]
+    assert credentials.identity_keys()[1:] == before[2]
+
+    # A second swap: both earlier keys stay accepted until restart.
+    volume.update(TWILIO_API_KEY=KEY_3, TWILIO_API_SECRET="third-secret-0123456789abcdef")
+    credentials.check_files()
+    assert [key for key, _ in credentials.verification_keys()] == [KEY_3, KEY_2, API_KEY]
+
+
+def test_an_invalid_new_set_keeps_the_one_in_use_logged_and_counted(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from service import observability as obs
+
+    volume = api_volume(tmp_path, API_KEY, API_SECRET)
+    credentials = holder(volume)
+    failures = obs.CONFIG_RELOAD_FAILURES.labels(file="TWILIO_API_SECRET_FILE")
+    counted = failures._value.get()
+    volume.update(TWILIO_API_KEY=API_KEY, TWILIO_API_SECRET="")  # the secret is missing
+    credentials.check_files()
+    assert credentials.current.user == API_KEY
+    assert credentials.auth_header().startswith("Basic ")
+    assert failures._value.get() == counted + 1
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "TWILIO_API_KEY is set without TWILIO_API_SECRET" in record.fields["error"]
+    assert API_SECRET not in caplog.text
+
+    volume.update(TWILIO_API_KEY=KEY_2, TWILIO_API_SECRET=NEW_SECRET)  # fixed: applies
+    credentials.check_files()
+    assert credentials.current.user == KEY_2
+
+
+def test_a_previous_key_removed_by_the_operator_is_no_longer_accepted(tmp_path: Any) -> None:
+    volume = api_volume(tmp_path, KEY_2, NEW_SECRET, previous=(API_KEY, API_SECRET))
+    credentials = holder(volume)
+    assert [key for key, _ in credentials.verification_keys()] == [KEY_2, API_KEY]
+    volume.update(TWILIO_API_KEY=KEY_2, TWILIO_API_SECRET=NEW_SECRET)
+    credentials.check_files()
+    assert [key for key, _ in credentials.verification_keys()] == [KEY_2]
+    assert len(credentials.record_mac_keys()) == 1
+
+
+def test_two_rotations_under_load_lose_no_call_record_or_session(
+    make_facade: Any, unlimited_upstream: EmulatorProcess, redis_server: RedisProcess, tmp_path: Any
+) -> None:
+    """The procedure of docs/operations.md, on two replicas sharing Redis, each with its own
+    mounted Secret (the kubelet updates pods one by one), while callers create, replay on the
+    other replica and refresh tokens minted before each rotation."""
+    import random
+    import threading
+
+    upstream = unlimited_upstream
+    secrets = {API_KEY: API_SECRET, KEY_2: NEW_SECRET, KEY_3: "third-secret-0123456789abcdef"}
+    upstream.accept_credentials({ACCOUNT_SID: AUTH_TOKEN, **secrets})
+    tokens_on = {
+        k: v for k, v in guest_env(upstream.url).items() if not k.startswith("TWILIO_API_")
+    }
+    volumes, replicas = [], []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        volume = api_volume(tmp_path / name, API_KEY, API_SECRET)
+        env = {**tokens_on, **volume.env(), "REDIS_URL": redis_server.url}
+        volumes.append(volume)
+        replicas.append(make_facade(upstream.url, FLEX_RATE_LIMIT_RPS="0", **env))
+
+    failures: list[BaseException] = []
+    created: dict[str, str] = {}  # request_id -> conversation
+    sessions: list[tuple[str, str]] = []  # (access token, identity), from every phase
+    stop = threading.Event()
+
+    def caller(seed: int) -> None:
+        rng = random.Random(seed)  # noqa: S311 - picks replicas, not secrets
+        while not stop.is_set():
+            try:
+                first, other = rng.sample(replicas, 2)
+                request_id = str(uuid.uuid4())
+                chat = first.create(request_id=request_id, issue_token=True)
+                replay = other.create(request_id=request_id, issue_token=True)
+                assert replay.conversation_sid == chat.conversation_sid
+                created[request_id] = chat.conversation_sid
+                sessions.append((chat.access_token, chat.identity))
+                token, identity = rng.choice(sessions)
+                assert rng.choice(replicas).refresh(token).identity == identity
+            except BaseException as exc:  # every failure is the test's result
+                failures.append(exc)
+
+    def reloads() -> int:
+        return sum(r.logs().count("reloaded Twilio credentials") for r in replicas)
+
+    def roll_out(**values: str) -> None:
+        """Updates each replica's Secret in turn; returns once both applied it."""
+        for volume in volumes:
+            before = reloads()
+            volume.update(**values)
+            deadline = time.monotonic() + 10
+            while reloads() == before:
+                assert time.monotonic() < deadline, "not reloaded within 10 s"
+                time.sleep(0.1)
+            time.sleep(0.5)  # under load, one replica ahead of the other
+
+    threads = [threading.Thread(target=caller, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1)
+        current = (API_KEY, API_SECRET)
+        for new_key in (KEY_2, KEY_3):
+            new = (new_key, secrets[new_key])
+            # 1. Every replica accepts the new key; 2. every replica sends with it.
+            roll_out(**dict(zip(API_FILES, (*current, *new), strict=True)))
+            roll_out(**dict(zip(API_FILES, (*new, *current), strict=True)))
+            current = new
+            time.sleep(1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+    assert failures == []
+    assert len(created) > 20 and len(set(created.values())) == len(created)
+    assert sorted(upstream.conversations()) == sorted(created.values())
+    senders = [r["headers"]["Authorization"] for r in upstream.requests()]
+    keys_used = {httpx_user(header) for header in senders}
+    assert keys_used == {API_KEY, KEY_2, KEY_3}
+    assert httpx_user(senders[-1]) == KEY_3
+    # Sessions begun under the first key still refresh, until restart.
+    assert replicas[0].refresh(sessions[0][0]).identity == sessions[0][1]
+
+
+def httpx_user(authorization: str) -> str:
+    import base64
+
+    return base64.b64decode(authorization.split()[1]).decode().partition(":")[0]
+
+
+def test_a_new_redis_password_from_redis_url_file_reconnects(
+    make_facade: Any, upstream: EmulatorProcess, redis_server: RedisProcess, tmp_path: Any
+) -> None:
+    import redis
+
+    admin = redis.Redis(port=redis_server.port)
+    admin.config_set("requirepass", "old-pass-0123")
+    url_file = tmp_path / "redis-url"
+    url_file.write_text(f"redis://:old-pass-0123@127.0.0.1:{redis_server.port}/0")
+    facade = make_facade(upstream.url, REDIS_URL_FILE=str(url_file))
+    request_id = str(uuid.uuid4())
+    chat = facade.create(request_id=request_id)
+
+    admin = redis.Redis(port=redis_server.port, password="old-pass-0123")
+    admin.config_set("requirepass", "new-pass-4567")  # connections made before stay in
+    url_file.write_text(f"redis://:new-pass-4567@127.0.0.1:{redis_server.port}/0")
+    deadline = time.monotonic() + 10
+    while "reconnecting to Redis" not in facade.logs():
+        assert time.monotonic() < deadline, "REDIS_URL_FILE not reloaded within 10 s"
+        time.sleep(0.1)
+    redis.Redis(port=redis_server.port, password="new-pass-4567").client_kill_filter(
+        _type="normal", skipme=False
+    )
+    assert facade.create(request_id=request_id).conversation_sid == chat.conversation_sid
+    assert facade.create(request_id=str(uuid.uuid4())).conversation_sid.startswith("CH")
+    assert "new-pass" not in facade.logs() and "old-pass" not in facade.logs()
