@@ -282,8 +282,9 @@ class Settings:
 class _EnvReader:
     """Typed access to the environment; every failure names the variable."""
 
-    def __init__(self, env: Mapping[str, str]) -> None:
+    def __init__(self, env: Mapping[str, str], missing_file_is_unset: tuple[str, ...] = ()) -> None:
         self.env = env
+        self.optional = missing_file_is_unset
 
     def text(self, name: str) -> str:
         return self.env.get(name, "").strip()
@@ -298,6 +299,8 @@ class _EnvReader:
         try:
             return Path(path).read_text(encoding="utf-8").strip()
         except OSError as exc:
+            if isinstance(exc, FileNotFoundError) and name in self.optional:
+                return ""
             raise ConfigError(f"{name}_FILE={path} cannot be read: {exc.strerror}") from None
 
     def number(self, name: str, default: float, *, minimum: float) -> float:
@@ -428,6 +431,8 @@ def read_credentials(env: Mapping[str, str]) -> CredentialSet:
             "'make run' starts the local emulator instead"
         )
     previous = []
+    # A Secret mounted as files has no file for a key it does not hold: no previous credential.
+    reader = _EnvReader(env, missing_file_is_unset=_PREVIOUS)
     previous_key = _api_key(reader, "TWILIO_PREVIOUS_API_KEY", "TWILIO_PREVIOUS_API_SECRET")
     if previous_key is not None:
         previous.append(previous_key)
@@ -441,6 +446,9 @@ def read_credentials(env: Mapping[str, str]) -> CredentialSet:
     return CredentialSet(
         account_sid, current, tuple(c for c in dict.fromkeys(previous) if c != current)
     )
+
+
+_PREVIOUS = ("TWILIO_PREVIOUS_API_KEY", "TWILIO_PREVIOUS_API_SECRET", "TWILIO_PREVIOUS_AUTH_TOKEN")
 
 
 def _api_key(reader: _EnvReader, key_variable: str, secret_variable: str) -> Credential | None:

@@ -184,6 +184,8 @@ def test_single_replica_overlay_drops_redis_and_the_disruption_budget() -> None:
         "TWILIO_ACCOUNT_SID_FILE",
         "TWILIO_API_KEY_FILE",
         "TWILIO_API_SECRET_FILE",
+        "TWILIO_PREVIOUS_API_KEY_FILE",
+        "TWILIO_PREVIOUS_API_SECRET_FILE",
     }
     assert "PodDisruptionBudget/flexwebchat" not in docs
     assert "NetworkPolicy/flexwebchat-redis" not in docs
@@ -233,9 +235,19 @@ def test_deployment_is_hardened_and_probed_on_the_health_port() -> None:
     [
         (
             ("api-key", "redis"),
-            {"TWILIO_ACCOUNT_SID", "TWILIO_API_KEY", "TWILIO_API_SECRET", "REDIS_URL"},
+            {
+                "TWILIO_ACCOUNT_SID",
+                "TWILIO_API_KEY",
+                "TWILIO_API_SECRET",
+                "TWILIO_PREVIOUS_API_KEY",
+                "TWILIO_PREVIOUS_API_SECRET",
+                "REDIS_URL",
+            },
         ),
-        (("auth-token", "managed-redis"), {"TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "REDIS_URL"}),
+        (
+            ("auth-token", "managed-redis"),
+            {"TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_PREVIOUS_AUTH_TOKEN", "REDIS_URL"},
+        ),
     ],
     ids=["api-key", "auth-token"],
 )
@@ -262,8 +274,11 @@ def test_credentials_are_files_the_settings_accept(
         "TWILIO_AUTH_TOKEN": "token",
         "REDIS_URL": "rediss://:pw@redis.example:6380/0",
     }
-    settings = Settings.from_env({name: values[name] for name in files})
+    settings = Settings.from_env({name: values[name] for name in files if name in values})
     assert settings.account_sid == values["TWILIO_ACCOUNT_SID"]
+    # The previous credential's files are absent from the Secret outside a rotation: none.
+    previous = {k: v for k, v in env.items() if "PREVIOUS" in k}
+    assert previous and Settings.from_env({**values, **previous}).credentials.previous == ()
 
 
 def pod_environment(kustomization: str, secrets: dict[str, str], folder: Path) -> dict[str, str]:
