@@ -209,14 +209,14 @@ def test_a_reloaded_credential_sends_and_the_replaced_one_still_verifies(tmp_pat
     volume.update(TWILIO_API_KEY=KEY_2, TWILIO_API_SECRET=NEW_SECRET)
     credentials.check_files()
     assert credentials.current.user == KEY_2 and credentials.auth_header() != before[0]
-    assert [key for key, _ in credentials.verification_keys()] == [KEY_2, API_KEY]
+    assert [key.sid for key in credentials.verification_keys()] == [KEY_2, API_KEY]
     assert credentials.record_mac_keys()[1:] == before[1] != credentials.record_mac_keys()[:1]
     assert credentials.identity_keys()[1:] == before[2]
 
     # A second swap: both earlier keys stay accepted until restart.
     volume.update(TWILIO_API_KEY=KEY_3, TWILIO_API_SECRET="third-secret-0123456789abcdef")
     credentials.check_files()
-    assert [key for key, _ in credentials.verification_keys()] == [KEY_3, KEY_2, API_KEY]
+    assert [key.sid for key in credentials.verification_keys()] == [KEY_3, KEY_2, API_KEY]
 
 
 def test_an_invalid_new_set_keeps_the_one_in_use_logged_and_counted(
@@ -245,10 +245,10 @@ def test_an_invalid_new_set_keeps_the_one_in_use_logged_and_counted(
 def test_a_previous_key_removed_by_the_operator_is_no_longer_accepted(tmp_path: Any) -> None:
     volume = api_volume(tmp_path, KEY_2, NEW_SECRET, previous=(API_KEY, API_SECRET))
     credentials = holder(volume)
-    assert [key for key, _ in credentials.verification_keys()] == [KEY_2, API_KEY]
+    assert [key.sid for key in credentials.verification_keys()] == [KEY_2, API_KEY]
     volume.update(TWILIO_API_KEY=KEY_2, TWILIO_API_SECRET=NEW_SECRET)
     credentials.check_files()
-    assert [key for key, _ in credentials.verification_keys()] == [KEY_2]
+    assert [key.sid for key in credentials.verification_keys()] == [KEY_2]
     assert len(credentials.record_mac_keys()) == 1
 
 

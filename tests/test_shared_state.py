@@ -243,9 +243,10 @@ def test_a_429_slows_every_replica_down(
 
 
 def readiness(port: int) -> int:
+    # wait_for_ready: the process may still be starting (imports, the credential check).
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=SERVICE), timeout=2, wait_for_ready=True
+            health_pb2.HealthCheckRequest(service=SERVICE), timeout=15, wait_for_ready=True
         )
     return int(reply.status)
 
