@@ -95,6 +95,13 @@ class Credentials:
         self._digests = self._read_digests()
         self._redis_listeners: list[Callable[[str], object]] = []
         self._replaced: list[Credential] = []  # sent with before a reload, most recent first
+        watched = [
+            name for name in self._files if name.removesuffix("_FILE") in CREDENTIAL_VARIABLES
+        ]
+        if watched and self._changed_since_read(initial):
+            # Swapped between the settings' read and now: apply what the files hold.
+            if not self._reload_credentials(watched, self._digests):
+                self._digests = {}  # swapped again meanwhile: the first check applies it
 
     def __repr__(self) -> str:
         return repr(self._keys)
@@ -145,7 +152,10 @@ class Credentials:
         """Re-reads the secret files every ``interval`` seconds, for as long as it runs."""
         while True:
             await asyncio.sleep(interval)
-            self.check_files()
+            try:
+                self.check_files()
+            except Exception:  # a bug here must not end the reloads for good
+                log.exception("checking the secret files failed")
 
     def check_files(self) -> None:
         """Applies the secret files' new content, if any changed since they were last read."""
@@ -159,6 +169,12 @@ class Credentials:
         if "REDIS_URL_FILE" in changed:
             self._reload_redis_url()
         self._digests = digests
+
+    def _changed_since_read(self, initial: CredentialSet) -> bool:
+        try:
+            return read_credentials(self._sources) != initial
+        except ConfigError:
+            return True  # the reload logs and counts why
 
     def _read_digests(self) -> dict[str, bytes]:
         digests = {}

@@ -219,6 +219,18 @@ def test_a_reloaded_credential_sends_and_the_replaced_one_still_verifies(tmp_pat
     assert [key.sid for key in credentials.verification_keys()] == [KEY_3, KEY_2, API_KEY]
 
 
+def test_a_swap_while_the_facade_starts_is_not_missed(tmp_path: Any) -> None:
+    from service.config import Settings
+    from service.credentials import Credentials
+
+    volume = api_volume(tmp_path, API_KEY, API_SECRET)
+    settings = Settings.from_env({"TWILIO_ACCOUNT_SID": ACCOUNT_SID, **volume.env()})
+    volume.update(TWILIO_API_KEY=KEY_2, TWILIO_API_SECRET=NEW_SECRET)  # before the holder exists
+    credentials = Credentials(settings)
+    assert credentials.current.user == KEY_2
+    assert [key.sid for key in credentials.verification_keys()] == [KEY_2, API_KEY]
+
+
 def test_an_invalid_new_set_keeps_the_one_in_use_logged_and_counted(
     tmp_path: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
