@@ -10,8 +10,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTO  := proto/flexwebchat/v1/webchat.proto
 
-.PHONY: run test check lint breaking api-baseline proto bench system-deps example-deps examples go-example \
-  java-example clean
+.PHONY: run test check lint lock breaking api-baseline proto bench system-deps example-deps examples \
+  go-example java-example clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
@@ -92,6 +92,22 @@ lint: $(STAMP) node_modules/.installed breaking
 	$(BIN)/ruff check service emulator tests bench examples
 	$(BIN)/ruff format --check service emulator tests bench examples
 	$(BIN)/mypy
+
+# requirements.lock: every package the image installs, pinned with its hashes (the runtime
+# dependencies, the otel extra and the build backend), resolved for the image's Python (3.11)
+# from the package index alone: this machine's pip configuration (local wheel folders, extra
+# indexes) is left out, so the hashes are those of the files the image build downloads. Run it
+# after changing a dependency in pyproject.toml; tests/test_lock.py fails until then. Versions
+# already locked are kept when they still fit; `make lock UPGRADE=1` takes the newest.
+LOCK := requirements.lock
+lock: $(STAMP)
+	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { \
+	  echo "make lock resolves for the image's Python 3.11: make clean && make lock PYTHON=python3.11" >&2; \
+	  exit 1; }
+	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
+	  CUSTOM_COMPILE_COMMAND="make lock" \
+	  $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --extra otel \
+	  --all-build-deps --no-emit-index-url $(if $(UPGRADE),--upgrade) --output-file $(LOCK) pyproject.toml
 
 # The breaking-change gate: the proto must stay compatible with the last released API, the
 # committed buf image $(BASELINE), by buf's FILE rules (callers' generated code keeps compiling).
