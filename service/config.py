@@ -112,6 +112,7 @@ class Settings:
     idempotency_lock: float = 10.0
     idempotency_max_local_records: int = 100_000
     redis_url: Secret | None = None
+    redis_ca_file: str = ""  # the CA that signed a rediss:// server's certificate, if private
     # Server
     grpc_host: str = "[::]"
     grpc_port: int = 50051
@@ -181,6 +182,7 @@ class Settings:
                 "IDEMPOTENCY_MAX_LOCAL_RECORDS", 100_000, minimum=100
             ),
             redis_url=redis_url(reader.secret("REDIS_URL")),
+            redis_ca_file=reader.text("REDIS_CA_FILE"),
             grpc_host=_bracketed(reader.text("GRPC_HOST") or "[::]"),
             grpc_port=reader.port("GRPC_PORT", 50051),
             metrics_host=_bracketed(
@@ -249,6 +251,7 @@ class Settings:
                 "TWILIO_ACCOUNT_SID is required with TWILIO_API_KEY when REDIS_URL is set: "
                 "the shared rate budget is the account's, whichever credential a replica uses"
             )
+        _check_redis_ca_file(settings)
         missing = settings.missing_for_tokens()
         if settings.conversations_service_sid and missing:
             raise ConfigError(
@@ -394,6 +397,20 @@ def redis_url(value: str) -> Secret | None:
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("REDIS_URL must be a redis://, rediss:// or unix:// URL")
     return Secret(value)
+
+
+def _check_redis_ca_file(settings: Settings) -> None:
+    if not settings.redis_ca_file:
+        return
+    url = settings.redis_url.reveal() if settings.redis_url else ""
+    if not url.startswith("rediss://"):
+        raise ConfigError("REDIS_CA_FILE is for a rediss:// (TLS) REDIS_URL; set both, or neither")
+    try:
+        Path(settings.redis_ca_file).read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"REDIS_CA_FILE={settings.redis_ca_file} cannot be read: {exc.strerror}"
+        ) from None
 
 
 _ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")

@@ -215,7 +215,7 @@ async def connect_shared_state(
     settings: Settings, credentials: Credentials
 ) -> tuple[RateLimiter | Unlimited, RedisRecords]:
     assert settings.redis_url is not None
-    client = _client(settings.redis_url.reveal())
+    client = _client(settings.redis_url.reveal(), settings.redis_ca_file)
     with contextlib.suppress(RedisError):  # unreachable: readiness waits for it (first_answer)
         await _check_version(client)
     limiter: RateLimiter | Unlimited = Unlimited()
@@ -237,7 +237,7 @@ async def connect_shared_state(
     def reconnect(url: str) -> None:
         """A new REDIS_URL (from REDIS_URL_FILE): later operations use it; the old client is
         closed once operations already sent on it have had their time."""
-        new, old = _client(url), records.client
+        new, old = _client(url, settings.redis_ca_file), records.client
         records.use(new)
         if schedule is not None:
             schedule.use(new)
@@ -252,12 +252,15 @@ async def connect_shared_state(
 OLD_CLIENT_GRACE = 10 * SOCKET_TIMEOUT
 
 
-def _client(url: str) -> aioredis.Redis:
+def _client(url: str, ca_file: str) -> aioredis.Redis:
+    # REDIS_CA_FILE: a private CA for rediss://; the system's trust store otherwise.
+    tls: dict[str, Any] = {"ssl_ca_certs": ca_file} if ca_file and url.startswith("rediss:") else {}
     return aioredis.Redis.from_url(
         url,
         socket_timeout=SOCKET_TIMEOUT,
         socket_connect_timeout=SOCKET_TIMEOUT,
         retry_on_timeout=False,
+        **tls,
     )
 
 
