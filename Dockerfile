@@ -17,7 +17,7 @@ COPY pyproject.toml README.md ./
 COPY generated ./generated
 COPY service ./service
 RUN /opt/venv/bin/pip install --no-deps --no-build-isolation --no-index . \
-    && /opt/venv/bin/pip uninstall --yes pip setuptools wheel packaging
+    && /opt/venv/bin/pip uninstall --yes pip setuptools wheel
 
 # --- runtime: the virtualenv only, as a non-root user -------------------------------------------
 FROM ${PYTHON_IMAGE}
