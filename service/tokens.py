@@ -61,20 +61,6 @@ class TokenKeys(Protocol):
 
 
 @dataclass(frozen=True)
-class FixedKeys:
-    """Keys that never change (tests, and until a credentials holder supplies them)."""
-
-    current: SigningKey
-    previous: SigningKey | None = None
-
-    def signing_key(self) -> SigningKey:
-        return self.current
-
-    def verification_keys(self) -> Sequence[SigningKey]:
-        return [self.current] if self.previous is None else [self.current, self.previous]
-
-
-@dataclass(frozen=True)
 class Session:
     """A guest session: who created it, for which guest and conversation, and when it began."""
 

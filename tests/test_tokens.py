@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jwt
@@ -15,7 +17,7 @@ from twilio.jwt.access_token.grants import ChatGrant
 
 from service.config import Secret
 from service.errors import TokenRejected, TokenWrongCaller
-from service.tokens import SESSION_CLAIM, FixedKeys, GuestTokens, Session, SigningKey
+from service.tokens import SESSION_CLAIM, GuestTokens, Session, SigningKey
 
 ACCOUNT = "AC" + "a1" * 16
 KEY = "SK" + "b2" * 16
@@ -23,6 +25,22 @@ SECRET = "guest-token-signing-secret-0123456789"
 SERVICE = "IS" + "c3" * 16
 IDENTITY = "0f83ef42-accc-432f-8fc4-e892482f62f1"
 NOW = 1_800_000_000
+
+
+@dataclass(frozen=True)
+class FixedKeys:
+    """Keys as the credentials holder supplies them: the current signs, both verify."""
+
+    current: SigningKey
+    previous: SigningKey | None = None
+
+    def signing_key(self) -> SigningKey:
+        return self.current
+
+    def verification_keys(self) -> Sequence[SigningKey]:
+        return [self.current] if self.previous is None else [self.current, self.previous]
+
+
 CHAT = "CH" + "d4" * 16
 CALLER = "web-frontend"
 SESSION = Session(IDENTITY, CHAT, NOW)
