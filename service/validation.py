@@ -149,8 +149,28 @@ def _message_problem(value: str) -> str | None:
             )
         if 0xFDD0 <= code <= 0xFDEF or code & 0xFFFE == 0xFFFE:
             return f"must not contain noncharacters (found U+{code:04X})"
+        if 0x206A <= code <= 0x206F or 0xFFF9 <= code <= 0xFFFB:
+            return (
+                f"must not contain deprecated shaping or interlinear annotation characters "
+                f"(found U+{code:04X}): they change or hide text the agent sees"
+            )
         visible = visible or _is_visible(ch)
+    if _TAG.search(value) and not _only_flag_tags(value):
+        return (
+            "must not contain tag characters (U+E0000-U+E007F) outside an emoji flag sequence: "
+            "they carry text the agent does not see"
+        )
     return None if visible else _NOTHING_VISIBLE
+
+
+# Tag characters spell hidden ASCII. The one use people type is a subdivision flag: a black flag,
+# a few tags, a cancel tag (England is U+1F3F4 g b e n g U+E007F).
+_TAG = re.compile("[\U000e0000-\U000e007f]")
+_FLAG_TAGS = re.compile("\U0001f3f4[\U000e0020-\U000e007e]{1,7}\U000e007f")
+
+
+def _only_flag_tags(value: str) -> bool:
+    return not _TAG.search(_FLAG_TAGS.sub("", value))
 
 
 _NOTHING_VISIBLE = (

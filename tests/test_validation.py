@@ -134,7 +134,11 @@ def test_typed_first_messages_pass(message: str) -> None:
         ("\ufe0f\ufeff ", "visible character"),
         (" \u3000\u00a0\n", "visible character"),
         ("\u2800\u3164", "visible character"),
-        ("\U000e0067\U000e007f", "visible character"),
+        ("\U000e0067\U000e007f", "tag characters"),
+        ("Hi" + "".join(chr(0xE0000 + ord(c)) for c in "refund $500"), "tag characters"),
+        ("🏴\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067", "tag characters"),  # no end
+        ("Hi\u206a\u206b", "found U+206A"),
+        ("Hi\ufff9hidden\ufffaann\ufffb", "interlinear annotation"),
         ("é\x07", "control characters other than newlines and tabs"),
     ],
 )
