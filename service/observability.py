@@ -78,6 +78,9 @@ IDEMPOTENCY = Counter(
     "conversation Twilio already had: a lost record)",
     ["outcome"],
 )
+# Exported at 0 from the start, so that an alert on increase() counts the first lost record too.
+for _outcome in ("recovered_by_lookup", "lost"):
+    IDEMPOTENCY.labels(outcome=_outcome)
 GUEST_TOKENS = Counter(
     "flexwebchat_guest_tokens_issued",
     "Guest access tokens issued, by way (create, refresh, resume of an expired token)",

@@ -108,6 +108,7 @@ def test_a_lost_record_is_recovered_by_looking_not_by_creating_again(
     request_id = str(uuid.uuid4())
     first = replicas[0].create(request_id=request_id, initial_message="hello", timeout=5)
     assert first.initial_message_sid.startswith("IM")
+    assert f"{RECOVERED} 0.0" in replicas[1].metrics()  # exported before the first, for alerts
     lose(redis_server, request_id)
     for replica in reversed(replicas):  # the other replica first, then the one that created
         again = retry_until_answered(replica, request_id)
