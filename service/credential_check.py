@@ -11,6 +11,11 @@ and, when guest tokens are on, the conversations service (``GET {conversations}/
 * no answer, 5xx, 429 or any other answer: inconclusive. The facade serves (Twilio down must not
   make every replica unready) and checks again in the background until an answer is conclusive;
   a refusal found then is logged at error, naming the variables.
+
+A credential swapped in by a reload of its ``*_FILE`` is checked the same way before it applies
+(``refusal``): 401 or 403 keeps the credentials in use; an inconclusive answer applies it with a
+warning, as Twilio down must not block a rotation. The previous credentials are not checked:
+once revoked, as a rotation ends, Twilio refuses them, yet they still verify what they signed.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import logging
 
 import httpx
 
-from .config import ConfigError, Settings
+from .config import ConfigError, Credential, Settings
 from .credentials import Credentials
 
 log = logging.getLogger("flexwebchat.credential_check")
@@ -74,16 +79,36 @@ class CredentialCheck:
             log.info("Twilio accepted the credentials")
             return
 
+    async def refusal(self, credential: Credential) -> str:
+        """Why Twilio refuses ``credential`` (about to become current on a reload), or ''."""
+        auth = httpx.BasicAuth(credential.user, credential.secret.reveal())
+        try:
+            await self._read(self._settings.base_url + "/v1/Configuration", auth=auth)
+        except Inconclusive as exc:
+            log.warning(
+                "could not check the reloaded Twilio credential; applying it",
+                extra={"fields": {"error": str(exc), "sends_with": credential.user}},
+            )
+        except ConfigError as exc:
+            return str(exc).replace(self._variables(), self._variables(credential))
+        return ""
+
     async def _check(self) -> None:
-        await self._read(self._settings.base_url + "/v1/Configuration", service=False)
+        await self._read(self._settings.base_url + "/v1/Configuration")
         if self._settings.tokens_enabled:
             sid = self._settings.conversations_service_sid
             await self._read(f"{self._settings.conversations_url}/v1/Services/{sid}", service=True)
 
-    async def _read(self, url: str, *, service: bool) -> None:
+    async def _read(
+        self, url: str, *, service: bool = False, auth: httpx.Auth | None = None
+    ) -> None:
+        """One GET, with the holder's current credential unless ``auth`` is given."""
         try:
             response = await self._http.get(
-                url, headers={"Accept": "application/json"}, timeout=CHECK_TIMEOUT_SECONDS
+                url,
+                headers={"Accept": "application/json"},
+                timeout=CHECK_TIMEOUT_SECONDS,
+                auth=httpx.USE_CLIENT_DEFAULT if auth is None else auth,
             )
         except httpx.HTTPError as exc:
             raise Inconclusive(f"{type(exc).__name__} from {httpx.URL(url).host}") from None
@@ -103,8 +128,8 @@ class CredentialCheck:
             )
         raise Inconclusive(f"HTTP {status} from {response.url.host}")
 
-    def _variables(self) -> str:
-        current = self._credentials.current
+    def _variables(self, credential: Credential | None = None) -> str:
+        current = credential or self._credentials.current
         if current.is_api_key:
             return (
                 f"check TWILIO_API_SECRET and TWILIO_API_KEY={current.user} (a key of this "

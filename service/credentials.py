@@ -26,7 +26,8 @@ import base64
 import hashlib
 import hmac
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,13 +95,15 @@ class Credentials:
         self._files = {name: path for name, path in self._sources.items() if name.endswith("_FILE")}
         self._digests = self._read_digests()
         self._redis_listeners: list[Callable[[str], object]] = []
+        self._verify: Callable[[Credential], Awaitable[str]] | None = None
         self._replaced: list[Credential] = []  # sent with before a reload, most recent first
         watched = [
             name for name in self._files if name.removesuffix("_FILE") in CREDENTIAL_VARIABLES
         ]
         if watched and self._changed_since_read(initial):
             # Swapped between the settings' read and now: apply what the files hold.
-            if not self._reload_credentials(watched, self._digests):
+            # Not verified with Twilio here: the start-up check that follows checks it.
+            if not self._apply_credentials(watched, self._digests, self._load()):
                 self._digests = {}  # swapped again meanwhile: the first check applies it
 
     def __repr__(self) -> str:
@@ -148,24 +151,35 @@ class Credentials:
         """``listener(url)`` is called with a new, valid REDIS_URL from REDIS_URL_FILE."""
         self._redis_listeners.append(listener)
 
+    def verify_with(self, verify: Callable[[Credential], Awaitable[str]]) -> None:
+        """``await verify(credential)`` is asked before a reloaded current credential applies:
+        why Twilio refuses it, or '' (accepted, or Twilio could not tell)."""
+        self._verify = verify
+
     async def watch(self, interval: float = RELOAD_CHECK_SECONDS) -> None:
         """Re-reads the secret files every ``interval`` seconds, for as long as it runs."""
         while True:
             await asyncio.sleep(interval)
             try:
-                self.check_files()
+                await self.check_files()
             except Exception:  # a bug here must not end the reloads for good
                 log.exception("checking the secret files failed")
 
-    def check_files(self) -> None:
+    async def check_files(self) -> None:
         """Applies the secret files' new content, if any changed since they were last read."""
         digests = self._read_digests()
         changed = [name for name, digest in digests.items() if digest != self._digests.get(name)]
         if not changed:
             return
         credentials = [n for n in changed if n.removesuffix("_FILE") in CREDENTIAL_VARIABLES]
-        if credentials and not self._reload_credentials(credentials, digests):
-            return  # the files changed while being read: look again at the next check
+        if credentials:
+            loaded = self._load()
+            if isinstance(loaded, CredentialSet) and self._verify is not None:
+                if loaded.current != self.current:
+                    refused = await self._verify(loaded.current)
+                    loaded = (self._secret_variable(loaded.current), refused) if refused else loaded
+            if not self._apply_credentials(credentials, digests, loaded):
+                return  # the files changed while being read: look again at the next check
         if "REDIS_URL_FILE" in changed:
             self._reload_redis_url()
         self._digests = digests
@@ -185,19 +199,26 @@ class Credentials:
                 digests[name] = b""
         return digests
 
-    def _reload_credentials(self, changed: list[str], digests: dict[str, bytes]) -> bool:
-        """Applies the files' credentials, or keeps those in use when they are invalid; False
-        when the files changed while being read (a half-swapped set is never applied)."""
+    def _load(self) -> CredentialSet | tuple[str, str]:
+        """The files' credential set, or (the wrong variable, why) when it cannot apply."""
         try:
             loaded = read_credentials(self._sources)
-            problem = self._incompatibility(loaded)
         except ConfigError as exc:
-            problem = str(exc)
+            return self._wrong_variable(str(exc)), str(exc)
+        problem = self._incompatibility(loaded)
+        return (self._wrong_variable(problem), problem) if problem else loaded
+
+    def _apply_credentials(
+        self, changed: list[str], digests: dict[str, bytes], loaded: CredentialSet | tuple[str, str]
+    ) -> bool:
+        """Applies the loaded credentials, or keeps those in use when they are refused; False
+        when the files changed while being read (a half-swapped set is never applied)."""
         if self._read_digests() != digests:
             return False
-        if problem:
+        if not isinstance(loaded, CredentialSet):
+            variable, problem = loaded
             obs.reload_failed(
-                changed[0], "new Twilio credentials refused; kept those in use", problem
+                variable, "new Twilio credentials refused; kept those in use", problem
             )
             return True
         old = self._keys.credentials
@@ -217,6 +238,23 @@ class Credentials:
             },
         )
         return True
+
+    def _variable(self, name: str) -> str:
+        """How ``name`` is given: ``NAME_FILE`` when read from a file."""
+        return f"{name}_FILE" if f"{name}_FILE" in self._files else name
+
+    def _secret_variable(self, credential: Credential) -> str:
+        return self._variable("TWILIO_API_SECRET" if credential.is_api_key else "TWILIO_AUTH_TOKEN")
+
+    def _wrong_variable(self, problem: str) -> str:
+        """The variable to fix: the missing one of "X is set without Y", else the first named."""
+        missing = re.search(r"is set without (TWILIO_\w+)", problem)
+        if missing:
+            return self._variable(missing.group(1))
+        named = [v for v in CREDENTIAL_VARIABLES if problem.find(v) >= 0]
+        if not named:
+            return self._variable("TWILIO_ACCOUNT_SID")
+        return self._variable(min(named, key=lambda v: (problem.find(v), -len(v))))
 
     def _incompatibility(self, loaded: CredentialSet) -> str:
         """What a running facade cannot change, or '': the account (its rate budget and records

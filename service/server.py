@@ -69,6 +69,7 @@ class Facade:
         http = new_http_client(settings, secrets)
         check = CredentialCheck(http, settings, secrets)
         checked = await check.at_start()  # refused credentials: ConfigError, exit 2
+        secrets.verify_with(check.refusal)  # and a reloaded one refused is not applied
         limiter, records, first_answer = await _state(settings, secrets)
         idempotency = IdempotencyStore(
             records, ttl_seconds=settings.idempotency_ttl, lock_seconds=settings.idempotency_lock

@@ -3,6 +3,7 @@ previous) that lose no record, pending request or guest session."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import signal
@@ -207,7 +208,7 @@ def test_a_reloaded_credential_sends_and_the_replaced_one_still_verifies(tmp_pat
     credentials = holder(volume)
     before = credentials.auth_header(), credentials.record_mac_keys(), credentials.identity_keys()
     volume.update(TWILIO_API_KEY=KEY_2, TWILIO_API_SECRET=NEW_SECRET)
-    credentials.check_files()
+    asyncio.run(credentials.check_files())
     assert credentials.current.user == KEY_2 and credentials.auth_header() != before[0]
     assert [key.sid for key in credentials.verification_keys()] == [KEY_2, API_KEY]
     assert credentials.record_mac_keys()[1:] == before[1] != credentials.record_mac_keys()[:1]
@@ -215,7 +216,7 @@ def test_a_reloaded_credential_sends_and_the_replaced_one_still_verifies(tmp_pat
 
     # A second swap: both earlier keys stay accepted until restart.
     volume.update(TWILIO_API_KEY=KEY_3, TWILIO_API_SECRET="third-secret-0123456789abcdef")
-    credentials.check_files()
+    asyncio.run(credentials.check_files())
     assert [key.sid for key in credentials.verification_keys()] == [KEY_3, KEY_2, API_KEY]
 
 
@@ -241,7 +242,7 @@ def test_an_invalid_new_set_keeps_the_one_in_use_logged_and_counted(
     failures = obs.CONFIG_RELOAD_FAILURES.labels(file="TWILIO_API_SECRET_FILE")
     counted = failures._value.get()
     volume.update(TWILIO_API_KEY=API_KEY, TWILIO_API_SECRET="")  # the secret is missing
-    credentials.check_files()
+    asyncio.run(credentials.check_files())
     assert credentials.current.user == API_KEY
     assert credentials.auth_header().startswith("Basic ")
     assert failures._value.get() == counted + 1
@@ -250,7 +251,7 @@ def test_an_invalid_new_set_keeps_the_one_in_use_logged_and_counted(
     assert API_SECRET not in caplog.text
 
     volume.update(TWILIO_API_KEY=KEY_2, TWILIO_API_SECRET=NEW_SECRET)  # fixed: applies
-    credentials.check_files()
+    asyncio.run(credentials.check_files())
     assert credentials.current.user == KEY_2
 
 
@@ -259,7 +260,7 @@ def test_a_previous_key_removed_by_the_operator_is_no_longer_accepted(tmp_path: 
     credentials = holder(volume)
     assert [key.sid for key in credentials.verification_keys()] == [KEY_2, API_KEY]
     volume.update(TWILIO_API_KEY=KEY_2, TWILIO_API_SECRET=NEW_SECRET)
-    credentials.check_files()
+    asyncio.run(credentials.check_files())
     assert [key.sid for key in credentials.verification_keys()] == [KEY_2]
     assert len(credentials.record_mac_keys()) == 1
 
@@ -383,3 +384,61 @@ def test_a_new_redis_password_from_redis_url_file_reconnects(
     assert facade.create(request_id=request_id).conversation_sid == chat.conversation_sid
     assert facade.create(request_id=str(uuid.uuid4())).conversation_sid.startswith("CH")
     assert "new-pass" not in facade.logs() and "old-pass" not in facade.logs()
+
+
+def wait_for_log(facade: Any, text: str, count: int = 1) -> None:
+    deadline = time.monotonic() + 10
+    while facade.logs().count(text) < count:
+        assert time.monotonic() < deadline, f"no {text!r} within 10 s: {facade.logs()}"
+        time.sleep(0.1)
+
+
+def test_a_reloaded_secret_twilio_refuses_is_not_applied(
+    make_facade: Any, upstream: EmulatorProcess, tmp_path: Any
+) -> None:
+    upstream.accept_credentials({ACCOUNT_SID: AUTH_TOKEN, API_KEY: API_SECRET, KEY_2: NEW_SECRET})
+    volume = api_volume(tmp_path, API_KEY, API_SECRET)
+    facade = make_facade(upstream.url, **volume.env())
+    refused = 'flexwebchat_config_reload_failures_total{file="TWILIO_API_SECRET_FILE"}'
+    assert facade.metric(refused) == 0
+
+    volume.update(TWILIO_API_KEY=KEY_2, TWILIO_API_SECRET="well-formed-but-wrong-7f3a")
+    wait_for_log(facade, "new Twilio credentials refused")
+    [error] = [line for line in facade.log_lines() if line["level"] == "error"]
+    assert error["file"] == "TWILIO_API_SECRET_FILE" and "HTTP 401" in error["error"]
+    assert facade.metric(refused) == 1
+    assert "reloaded Twilio credentials" not in facade.logs() and "7f3a" not in facade.logs()
+    assert facade.create().conversation_sid.startswith("CH")  # still sent with the old key
+    assert httpx_user(upstream.requests()[-1]["headers"]["Authorization"]) == API_KEY
+
+    volume.update(TWILIO_API_KEY=KEY_2, TWILIO_API_SECRET=NEW_SECRET)  # fixed: applies
+    wait_for_log(facade, "reloaded Twilio credentials")
+    assert facade.create().conversation_sid.startswith("CH")
+    assert httpx_user(upstream.requests()[-1]["headers"]["Authorization"]) == KEY_2
+
+
+def test_a_reloaded_secret_applies_when_twilio_cannot_tell(
+    make_facade: Any, upstream: EmulatorProcess, tmp_path: Any
+) -> None:
+    upstream.accept_credentials({ACCOUNT_SID: AUTH_TOKEN, API_KEY: API_SECRET, KEY_2: NEW_SECRET})
+    volume = api_volume(tmp_path, API_KEY, API_SECRET)
+    facade = make_facade(upstream.url, **volume.env())
+    upstream.fault({"status": 503, "path": "/v1/Configuration"})
+    volume.update(TWILIO_API_KEY=KEY_2, TWILIO_API_SECRET=NEW_SECRET)
+    wait_for_log(facade, "reloaded Twilio credentials")
+    assert "could not check the reloaded Twilio credential; applying it" in facade.logs()
+    assert facade.create().conversation_sid.startswith("CH")
+    assert httpx_user(upstream.requests()[-1]["headers"]["Authorization"]) == KEY_2
+
+
+def test_a_refused_reload_is_counted_under_the_variable_to_fix(tmp_path: Any) -> None:
+    from service import observability as obs
+
+    volume = api_volume(tmp_path, API_KEY, API_SECRET)
+    credentials = holder(volume)
+    failures = obs.CONFIG_RELOAD_FAILURES.labels(file="TWILIO_PREVIOUS_API_SECRET_FILE")
+    counted = failures._value.get()
+    volume.update(TWILIO_API_KEY=KEY_2, TWILIO_API_SECRET=NEW_SECRET, TWILIO_PREVIOUS_API_KEY=KEY_3)
+    asyncio.run(credentials.check_files())
+    assert failures._value.get() == counted + 1
+    assert credentials.current.user == API_KEY
