@@ -37,6 +37,8 @@ pytestmark = [
         bool(missing),
         reason=f"{', '.join(missing)} not installed (`make system-deps` installs them, as root)",
     ),
+    # On a new machine the base is made first (debootstrap: minutes on a busy one), then built.
+    pytest.mark.timeout(900),
 ]
 
 
