@@ -94,7 +94,7 @@ class Credentials:
         self._sources = dict(settings.secret_sources)
         self._files = {name: path for name, path in self._sources.items() if name.endswith("_FILE")}
         self._digests = self._read_digests()
-        self._redis_listeners: list[Callable[[str], object]] = []
+        self._redis_listeners: list[Callable[[str], Awaitable[str]]] = []
         self._verify: Callable[[Credential], Awaitable[str]] | None = None
         self._replaced: list[Credential] = []  # sent with before a reload, most recent first
         watched = [
@@ -147,8 +147,9 @@ class Credentials:
 
     # Reloading
 
-    def on_redis_url(self, listener: Callable[[str], object]) -> None:
-        """``listener(url)`` is called with a new, valid REDIS_URL from REDIS_URL_FILE."""
+    def on_redis_url(self, listener: Callable[[str], Awaitable[str]]) -> None:
+        """``await listener(url)`` is called with a new, well-formed REDIS_URL from
+        REDIS_URL_FILE; it switches to it, or returns why it kept the one in use."""
         self._redis_listeners.append(listener)
 
     def verify_with(self, verify: Callable[[Credential], Awaitable[str]]) -> None:
@@ -181,7 +182,7 @@ class Credentials:
             if not self._apply_credentials(credentials, digests, loaded):
                 return  # the files changed while being read: look again at the next check
         if "REDIS_URL_FILE" in changed:
-            self._reload_redis_url()
+            await self._reload_redis_url()
         self._digests = digests
 
     def _changed_since_read(self, initial: CredentialSet) -> bool:
@@ -268,7 +269,7 @@ class Credentials:
             )
         return ""
 
-    def _reload_redis_url(self) -> None:
+    async def _reload_redis_url(self) -> None:
         refused = "new REDIS_URL refused; kept the one in use"
         try:
             url = redis_url(Path(self._files["REDIS_URL_FILE"]).read_text(encoding="utf-8").strip())
@@ -282,4 +283,6 @@ class Credentials:
             obs.reload_failed("REDIS_URL_FILE", refused, "empty")
             return
         for listener in self._redis_listeners:
-            listener(url.reveal())
+            problem = await listener(url.reveal())
+            if problem:
+                obs.reload_failed("REDIS_URL_FILE", refused, problem)

@@ -234,22 +234,51 @@ async def connect_shared_state(
         settings.idempotency_ttl,
     )
 
-    def reconnect(url: str) -> None:
-        """A new REDIS_URL (from REDIS_URL_FILE): later operations use it; the old client is
-        closed once operations already sent on it have had their time."""
+    async def reconnect(url: str) -> str:
+        """A new REDIS_URL (from REDIS_URL_FILE): tried first (connect, AUTH, PING). Used from
+        the next operation on when it answers, or when neither it nor the one in use does (a
+        move while Redis is down); refused, keeping the one in use, when its Redis refuses the
+        login, or when it is unreachable while the one in use answers. The old client is closed
+        once operations already sent on it have had their time."""
         new, old = _client(url, settings.redis_ca_file), records.client
+        problem = await _refusal(new, old)
+        # The probe's connection is not kept: one killed while idle would fail an operation.
+        await new.connection_pool.disconnect()
+        if problem:
+            await new.aclose()
+            return problem
         records.use(new)
         if schedule is not None:
             schedule.use(new)
         log.info("reconnecting to Redis with the new REDIS_URL")
         loop = asyncio.get_running_loop()
         loop.call_later(OLD_CLIENT_GRACE, lambda: loop.create_task(old.aclose()))
+        return ""
 
     credentials.on_redis_url(reconnect)
     return limiter, records
 
 
 OLD_CLIENT_GRACE = 10 * SOCKET_TIMEOUT
+
+
+async def _refusal(new: aioredis.Redis, old: aioredis.Redis) -> str:
+    """Why the new client must not replace the old one, or ''; see ``reconnect``."""
+    try:
+        await new.ping()
+    except _REFUSED_LOGIN as exc:
+        return REFUSED_LOGIN_MESSAGE.format(_first_word(exc))
+    except ResponseError:
+        return ""  # it answered (PING refused by an ACL, say): the login worked
+    except RedisError as exc:
+        unreachable = f"the new REDIS_URL's Redis cannot be reached ({type(exc).__name__})"
+        try:
+            await old.ping()
+        except RedisError:
+            log.warning(f"{unreachable}; the one in use cannot either: switching to the new one")
+            return ""
+        return f"{unreachable} while the one in use answers: check its host and port"
+    return ""
 
 
 def _client(url: str, ca_file: str) -> aioredis.Redis:

@@ -442,3 +442,37 @@ def test_a_refused_reload_is_counted_under_the_variable_to_fix(tmp_path: Any) ->
     asyncio.run(credentials.check_files())
     assert failures._value.get() == counted + 1
     assert credentials.current.user == API_KEY
+
+
+@pytest.mark.parametrize("wrong", ["password", "port"])
+def test_a_redis_url_file_that_cannot_work_keeps_the_url_in_use(
+    make_facade: Any,
+    upstream: EmulatorProcess,
+    redis_server: RedisProcess,
+    tmp_path: Any,
+    wrong: str,
+) -> None:
+    import redis
+
+    from emulator.harness import free_port
+
+    redis.Redis(port=redis_server.port).config_set("requirepass", "the-pass-0123")
+    url_file = tmp_path / "redis-url"
+    url_file.write_text(f"redis://:the-pass-0123@127.0.0.1:{redis_server.port}/0")
+    facade = make_facade(upstream.url, REDIS_URL_FILE=str(url_file))
+    request_id = str(uuid.uuid4())
+    chat = facade.create(request_id=request_id)
+
+    port = redis_server.port if wrong == "password" else free_port()
+    password = "wrong-pass-7f3a" if wrong == "password" else "the-pass-0123"
+    url_file.write_text(f"redis://:{password}@127.0.0.1:{port}/0")
+    wait_for_log(facade, "new REDIS_URL refused")
+    [error] = [line for line in facade.log_lines() if line["level"] == "error"]
+    assert error["file"] == "REDIS_URL_FILE"
+    assert (
+        "refused its user or password" if wrong == "password" else "cannot be reached"
+    ) in error["error"]
+    assert facade.metric('flexwebchat_config_reload_failures_total{file="REDIS_URL_FILE"}') == 1
+    assert "reconnecting to Redis" not in facade.logs() and "pass-" not in facade.logs()
+    assert facade.create(request_id=request_id).conversation_sid == chat.conversation_sid
+    assert facade.create(request_id=str(uuid.uuid4())).conversation_sid.startswith("CH")
