@@ -270,19 +270,26 @@ class Credentials:
         return ""
 
     async def _reload_redis_url(self) -> None:
-        refused = "new REDIS_URL refused; kept the one in use"
+        url = self._read_redis_url()
+        for listener in self._redis_listeners if url else ():
+            problem = await listener(url)
+            if problem:
+                obs.reload_failed("REDIS_URL_FILE", _REDIS_URL_REFUSED, problem)
+
+    def _read_redis_url(self) -> str:
+        """REDIS_URL_FILE's URL, or '' when it is not one (logged and counted)."""
         try:
             url = redis_url(Path(self._files["REDIS_URL_FILE"]).read_text(encoding="utf-8").strip())
         except OSError as exc:
-            obs.reload_failed("REDIS_URL_FILE", refused, exc.strerror or type(exc).__name__)
-            return
+            problem = exc.strerror or type(exc).__name__
         except ConfigError as exc:
-            obs.reload_failed("REDIS_URL_FILE", refused, str(exc))
-            return
-        if url is None:
-            obs.reload_failed("REDIS_URL_FILE", refused, "empty")
-            return
-        for listener in self._redis_listeners:
-            problem = await listener(url.reveal())
-            if problem:
-                obs.reload_failed("REDIS_URL_FILE", refused, problem)
+            problem = str(exc)
+        else:
+            if url is not None:
+                return url.reveal()
+            problem = "empty"
+        obs.reload_failed("REDIS_URL_FILE", _REDIS_URL_REFUSED, problem)
+        return ""
+
+
+_REDIS_URL_REFUSED = "new REDIS_URL refused; kept the one in use"
