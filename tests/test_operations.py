@@ -183,6 +183,7 @@ def test_connection_ageing_never_cuts_a_call_short(
         GRPC_MAX_CONNECTION_AGE_SECONDS="1",
         SHUTDOWN_GRACE_SECONDS="0.5",
         FLEX_MAX_DEADLINE_SECONDS="8",
+        FLEX_DEFAULT_DEADLINE_SECONDS="8",  # at most the maximum, or the start is refused
     )
     reply = facade.create(timeout=8)
     assert reply.conversation_sid.startswith("CH")
