@@ -45,11 +45,17 @@ CRD_SCHEMAS = {
 
 
 def manifests(kustomization: str = "") -> dict[str, dict[str, Any]]:
-    """What `kubectl apply -k deploy/k8s/<kustomization>` would apply, rendered by kustomize."""
+    """What `kubectl apply -k deploy/k8s/<kustomization>` would apply, rendered by kustomize;
+    the generated ConfigMap under its name without the content hash."""
     rendered = subprocess.run(
         [KUBECTL, "kustomize", str(K8S / kustomization)], check=True, capture_output=True, text=True
     ).stdout
-    return {f"{d['kind']}/{d['metadata']['name']}": d for d in yaml.safe_load_all(rendered)}
+    return {f"{d['kind']}/{unhashed(d)}": d for d in yaml.safe_load_all(rendered)}
+
+
+def unhashed(doc: dict[str, Any]) -> str:
+    name = str(doc["metadata"]["name"])
+    return name.rsplit("-", 1)[0] if doc["kind"] == "ConfigMap" else name
 
 
 def dockerfile_instruction(name: str) -> list[str]:
@@ -142,8 +148,11 @@ def test_every_component_renders_on_base_and_passes_the_schema(
 
 
 def test_kustomization_applies_every_manifest() -> None:
-    listed = set(yaml.safe_load((K8S / "base/kustomization.yaml").read_text())["resources"])
+    kustomization = yaml.safe_load((K8S / "base/kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
     on_disk = {p.name for p in (K8S / "base").glob("*.yaml")} - {"kustomization.yaml"}
+    [generated] = kustomization["configMapGenerator"]
+    assert all((K8S / "base" / name).is_file() for name in generated["envs"])
     assert listed == on_disk
     assert set(manifests()) == {
         "ServiceAccount/flexwebchat",
@@ -155,6 +164,22 @@ def test_kustomization_applies_every_manifest() -> None:
         "NetworkPolicy/flexwebchat",
         "NetworkPolicy/flexwebchat-redis",
     }
+
+
+def test_a_settings_change_rolls_the_pods(overlay_of: Any) -> None:
+    """envFrom is read when a container starts: the ConfigMap's name carries a hash of its
+    content, so turning guest tokens on (or any setting) changes the pod template."""
+
+    def config_map_of(kustomization: str) -> tuple[str, str]:
+        docs = manifests(kustomization)
+        [container] = docs["Deployment/flexwebchat"]["spec"]["template"]["spec"]["containers"]
+        [source] = container["envFrom"]
+        return docs["ConfigMap/flexwebchat"]["metadata"]["name"], source["configMapRef"]["name"]
+
+    plain, plain_ref = config_map_of(overlay_of())
+    tokens, tokens_ref = config_map_of(overlay_of("api-key", "guest-tokens"))
+    assert plain == plain_ref and tokens == tokens_ref  # each Deployment reads its own map
+    assert plain != tokens
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
