@@ -92,6 +92,8 @@ class CallerTokens:
                 "AUTH_TOKENS_FILE", "no caller tokens left: every call is refused", "empty"
             )
             return
+        if not problems:
+            obs.reload_applied("AUTH_TOKENS_FILE")
         log.info("reloaded caller tokens", extra={"fields": {"callers": len(self._tokens)}})
 
     def names(self) -> frozenset[str]:
@@ -203,6 +205,7 @@ class ReloadingCertificates:
                 "TLS_CERT_FILE", "new TLS files refused; keeping the previous ones", problem
             )
             return None
+        obs.reload_applied("TLS_CERT_FILE")
         log.info("reloaded TLS certificates")
         return _configuration(contents)
 

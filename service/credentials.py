@@ -228,6 +228,7 @@ class Credentials:
         previous = (*loaded.previous, *self._replaced)
         unique = tuple(c for c in dict.fromkeys(previous) if c != loaded.current)
         self._keys = _Keys.of(CredentialSet(loaded.account_sid, loaded.current, unique))
+        obs.reload_applied(*CREDENTIAL_VARIABLES, *(f"{v}_FILE" for v in CREDENTIAL_VARIABLES))
         log.info(
             "reloaded Twilio credentials",
             extra={
@@ -275,6 +276,9 @@ class Credentials:
             problem = await listener(url)
             if problem:
                 obs.reload_failed("REDIS_URL_FILE", _REDIS_URL_REFUSED, problem)
+                return
+        if url:
+            obs.reload_applied("REDIS_URL_FILE")
 
     def _read_redis_url(self) -> str:
         """REDIS_URL_FILE's URL, or '' when it is not one (logged and counted)."""

@@ -105,12 +105,33 @@ CONFIG_RELOAD_FAILURES = Counter(
 )
 
 
+CONFIG_RELOAD_FAILING = Gauge(
+    "flexwebchat_config_reload_failing",
+    "1 while the content on disk of a reloaded file is refused (the replica runs on what it had), "
+    "0 once a change is applied, by variable",
+    ["file"],
+)
+
+
 def reload_failed(variable: str, message: str, error: str) -> None:
-    """A changed file that could not be applied: logged at error and counted, by variable."""
+    """A changed file that could not be applied: logged at error and counted, by variable; it
+    stays failing until ``reload_applied``."""
     CONFIG_RELOAD_FAILURES.labels(file=variable).inc()
+    CONFIG_RELOAD_FAILING.labels(file=variable).set(1)
+    _failing.add(variable)
     logging.getLogger("flexwebchat.reload").error(
         message, extra={"fields": {"file": variable, "error": error}}
     )
+
+
+def reload_applied(*variables: str) -> None:
+    """The files behind ``variables`` were applied whole: none of them is failing any more."""
+    for variable in _failing.intersection(variables):
+        CONFIG_RELOAD_FAILING.labels(file=variable).set(0)
+        _failing.discard(variable)
+
+
+_failing: set[str] = set()  # variables whose gauge is 1
 
 
 SHARED_STATE_ERRORS = Counter(

@@ -407,12 +407,15 @@ def test_a_reloaded_secret_twilio_refuses_is_not_applied(
     [error] = [line for line in facade.log_lines() if line["level"] == "error"]
     assert error["file"] == "TWILIO_API_SECRET_FILE" and "HTTP 401" in error["error"]
     assert facade.metric(refused) == 1
+    failing = 'flexwebchat_config_reload_failing{file="TWILIO_API_SECRET_FILE"}'
+    assert facade.metric(failing) == 1  # for as long as the file stays wrong
     assert "reloaded Twilio credentials" not in facade.logs() and "7f3a" not in facade.logs()
     assert facade.create().conversation_sid.startswith("CH")  # still sent with the old key
     assert httpx_user(upstream.requests()[-1]["headers"]["Authorization"]) == API_KEY
 
     volume.update(TWILIO_API_KEY=KEY_2, TWILIO_API_SECRET=NEW_SECRET)  # fixed: applies
     wait_for_log(facade, "reloaded Twilio credentials")
+    assert facade.metric(failing) == 0 and facade.metric(refused) == 1
     assert facade.create().conversation_sid.startswith("CH")
     assert httpx_user(upstream.requests()[-1]["headers"]["Authorization"]) == KEY_2
 
@@ -473,6 +476,7 @@ def test_a_redis_url_file_that_cannot_work_keeps_the_url_in_use(
         "refused its user or password" if wrong == "password" else "cannot be reached"
     ) in error["error"]
     assert facade.metric('flexwebchat_config_reload_failures_total{file="REDIS_URL_FILE"}') == 1
+    assert facade.metric('flexwebchat_config_reload_failing{file="REDIS_URL_FILE"}') == 1
     assert "reconnecting to Redis" not in facade.logs() and "pass-" not in facade.logs()
     assert facade.create(request_id=request_id).conversation_sid == chat.conversation_sid
     assert facade.create(request_id=str(uuid.uuid4())).conversation_sid.startswith("CH")
