@@ -72,15 +72,15 @@ run: $(STAMP)
 test: $(STAMP) system-deps node_modules/.installed examples
 	$(BIN)/python -m pytest
 
-# The quick loop: lint and every test that needs no root and nothing from Debian's packages
-# (tests/conftest.py skips the others, one summary line per missing tool). Stops at the first
-# failure.
+# The quick loop, under 3 minutes on 2 cores: lint, every unit test, and the API end to end
+# (tests/conftest.py QUICK_END_TO_END), on both cores; nothing needs root or Debian's packages
+# (a test that would is skipped, one summary line per tool). Stops at the first failure.
 check: $(STAMP) node_modules/.installed examples/node/node_modules/.installed
 	node_modules/.bin/buf lint
 	$(BIN)/ruff check service emulator tests bench examples
 	$(BIN)/ruff format --check service emulator tests bench examples
 	$(BIN)/mypy
-	FLEXWEBCHAT_CHECK=1 $(BIN)/python -m pytest -x -q
+	FLEXWEBCHAT_CHECK=1 $(BIN)/python -m pytest -x -q -n 2 -rs
 
 # buf (proto lint) comes from the npm registry, pinned in package-lock.json.
 node_modules/.installed: package.json package-lock.json

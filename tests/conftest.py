@@ -48,6 +48,27 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "needs(tool): runs a tool that `make test` installs")
 
 
+# Under `make check`, of the tests that run the facade against the emulator only these files'
+# run: the API end to end, grpcurl, and make run with the README's commands. The rest (about ten
+# minutes on 2 cores) is for `make test`.
+QUICK_END_TO_END = {"test_e2e.py", "test_grpcurl.py", "test_make_run.py"}
+END_TO_END_FIXTURES = {"make_facade", "facade", "emulator", "fast_emulator"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not QUICK:
+        return
+    kept, left = [], []
+    for item in items:
+        uses = set(getattr(item, "fixturenames", ()))
+        slow = uses & END_TO_END_FIXTURES and item.path.name not in QUICK_END_TO_END
+        # test_client_package builds and installs wheels: minutes on its own.
+        (left if slow or item.path.name == "test_client_package.py" else kept).append(item)
+    if left:
+        config.hook.pytest_deselected(items=left)  # "N deselected": `make test` runs them
+        items[:] = kept
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     for mark in item.iter_markers("needs"):
         for tool in mark.args:
