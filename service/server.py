@@ -62,11 +62,21 @@ class Facade:
     @classmethod
     async def start(cls, settings: Settings) -> Facade:
         """Builds and starts everything; call inside the running event loop."""
+        secrets = Credentials(settings)
+        http = new_http_client(settings, secrets)
+        try:
+            return await cls._start(settings, secrets, http)
+        except BaseException:
+            await http.aclose()  # a refusal exits with its one line, no unclosed-session noise
+            raise
+
+    @classmethod
+    async def _start(
+        cls, settings: Settings, secrets: Credentials, http: httpx.AsyncClient
+    ) -> Facade:
         flush_traces = tracing.configure()
         credentials = server_credentials(settings)
         tokens = CallerTokens(settings.auth_tokens_file) if settings.auth_tokens_file else None
-        secrets = Credentials(settings)
-        http = new_http_client(settings, secrets)
         check = CredentialCheck(http, settings, secrets)
         checked = await check.at_start()  # refused credentials: ConfigError, exit 2
         secrets.verify_with(check.refusal)  # and a reloaded one refused is not applied

@@ -205,6 +205,7 @@ def refusal(env: dict[str, str]) -> str:
     [line] = [x for x in result.stderr.splitlines() if x.startswith("flexwebchat:")]
     assert line.startswith("flexwebchat: refusing to start: ")
     assert result.stderr.strip().endswith(line) and "Traceback" not in result.stderr
+    assert "Unclosed" not in result.stdout + result.stderr  # nothing left open behind it
     return line
 
 
