@@ -296,6 +296,10 @@ class _Call:
                 status = to_status(exc)
                 code, message = CODE_NAMES.get(status.code, "UNKNOWN"), str(exc)
                 await context.abort_with_status(_grpc_status(status))
+            elif isinstance(exc, asyncio.CancelledError) and self._observer.stopping:
+                # Cut by a stop at once (a second signal): the caller sees UNAVAILABLE, and
+                # the call counts as the server's failure, not the caller's choice.
+                code, message = "UNAVAILABLE", "cut by the server stopping at once"
             elif isinstance(exc, asyncio.CancelledError):
                 code, message = "CANCELLED", "the caller cancelled or its deadline passed"
             elif isinstance(exc, grpc.aio.AbortError):  # the behaviour aborted by itself

@@ -166,7 +166,7 @@ def devrun(tmp_path: Path, **overrides: str) -> tuple[subprocess.Popen[bytes], i
             [sys.executable, "-m", "emulator.devrun"],
             env=env,
             cwd=ROOT,
-            stdout=subprocess.DEVNULL,
+            stdout=(tmp_path / "stdout").open("w"),  # the facade's log lines
             stderr=err,
             start_new_session=True,
         )
@@ -229,9 +229,15 @@ def test_make_run_one_ctrl_c_drains_and_a_second_stops_at_once(
             if presses == 1:
                 assert call.result().conversation_sid.startswith("CH")  # drained, not cut
             else:
-                with pytest.raises(grpc.RpcError):
+                with pytest.raises(grpc.RpcError) as cut:
                     call.result()  # cut at once
+                assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
         assert proc.wait(20) in (0, -signal.SIGINT)
         assert proc.returncode == 0 or presses == 2
+        if presses == 2:  # logged and counted as the caller saw it
+            [line] = [
+                x for x in (tmp_path / "stdout").read_text().splitlines() if "CreateWebChat" in x
+            ]
+            assert "UNAVAILABLE" in line and "CANCELLED" not in line, line
     finally:
         kill_family(proc)
