@@ -19,7 +19,9 @@ the guest's conversations in the Flex conversations service
 
 Just before each create request may leave, the id is marked in the records (``mark_sent``), so
 that an execution that leaves no stored outcome makes the next one, on any replica, start by
-looking and waiting for the earlier request to settle. The mark's age is read on the records'
+looking and waiting for the earlier request to settle. The mark carries its sender's settle
+window, which every reader waits (replicas may run different attempt timeouts during a rolling
+change); a mark without one gets the reader's own. The mark's age is read on the records'
 clock (Redis's with REDIS_URL, one for every replica), never compared with a replica's own wall
 clock, which may be skewed against the others'. An id with neither a record nor a
 mark is looked up too before its first create: records can be lost (Redis flushed, restarted
@@ -91,7 +93,9 @@ class FindOrCreate:
         params = replace(params, identity=identities[0])
         earlier = await self._records.sent_ago(key)
         if earlier is not None:
-            found = await self._find(identities, deadline, earlier)
+            # The sender's window, not this replica's: their attempt timeouts may differ.
+            settle = self.settle_seconds() if earlier.settle is None else earlier.settle
+            found = await self._find(identities, deadline, earlier.ago, settle)
             if found is not None:
                 return found, False
         else:
@@ -101,7 +105,9 @@ class FindOrCreate:
         work = execution.current()
 
         async def note_sending() -> None:
-            await self._records.mark_sent(key, self._settings.idempotency_ttl)
+            await self._records.mark_sent(
+                key, self._settings.idempotency_ttl, self.settle_seconds()
+            )
 
         last_error: FacadeError | None = None
         for _ in range(self._settings.max_attempts):
@@ -118,11 +124,15 @@ class FindOrCreate:
             finally:
                 work.before_send = None
             sent_ago = time.monotonic() - work.last_sent_at  # this process's own send
-            found = await self._find([params.identity], deadline, sent_ago)
+            found = await self._find([params.identity], deadline, sent_ago, self.settle_seconds())
             if found is not None:
                 return found, True
         assert last_error is not None
         raise last_error
+
+    def settle_seconds(self) -> float:
+        """How long after this replica marks a create as sent Twilio may still create it."""
+        return SETTLE_TIMEOUTS * self._settings.attempt_timeout
 
     async def _recover(self, identities: list[str], deadline: Deadline) -> WebChat | None:
         """The chat of an id that has neither record nor sent mark. Their absence proves nothing
@@ -140,13 +150,13 @@ class FindOrCreate:
         return chat
 
     async def _find(
-        self, identities: list[str], deadline: Deadline, sent_ago: float
+        self, identities: list[str], deadline: Deadline, sent_ago: float, window: float
     ) -> WebChat | None:
-        """The chat of one of the guests, or None once no request sent ``sent_ago`` seconds ago
-        can still create it."""
+        """The chat of one of the guests, or None once no request sent ``sent_ago`` seconds ago,
+        which could stay in flight ``window`` seconds, can still create it."""
         chat = await self._look(identities, deadline)
         if chat is None:
-            settle = SETTLE_TIMEOUTS * self._settings.attempt_timeout - sent_ago
+            settle = window - sent_ago
             if settle > 0:
                 if settle >= deadline.remaining():
                     failure = UpstreamUnreachable(

@@ -77,17 +77,27 @@ class RecordBackend(Protocol):
 
     async def release(self, key: str, owner: str) -> None: ...
 
-    async def mark_sent(self, key: str, ttl_seconds: float) -> None:
+    async def mark_sent(self, key: str, ttl_seconds: float, settle_seconds: float) -> None:
         """Notes that a request for ``key`` may reach Twilio now, by the records' own clock (one
-        for every replica); forgotten when the outcome is stored."""
+        for every replica), and may stay in flight there ``settle_seconds``; forgotten when the
+        outcome is stored."""
         ...
 
-    async def sent_ago(self, key: str) -> float | None:
-        """Seconds since ``mark_sent``, by the same clock, when an earlier execution of ``key``
-        left no stored outcome."""
+    async def sent_ago(self, key: str) -> SentMark | None:
+        """The mark ``mark_sent`` left, aged by the same clock, when an earlier execution of
+        ``key`` left no stored outcome."""
         ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SentMark:
+    """A create for an id may have left ``ago`` seconds ago, and its sender said it can stay in
+    flight ``settle`` seconds (None: a mark that does not say, whose reader uses its own)."""
+
+    ago: float
+    settle: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,7 +317,8 @@ class LocalRecords:
         self, max_records: int = 100_000, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._records: dict[str, tuple[Record, float]] = {}  # in claim order, oldest first
-        self._sent: dict[str, float] = {}  # ids that may have reached Twilio (when), no outcome
+        # ids that may have reached Twilio (when, for how long), with no outcome yet
+        self._sent: dict[str, tuple[float, float]] = {}
         self._max = max_records
         self._clock = clock
         self._next_sweep = 0.0
@@ -343,15 +354,17 @@ class LocalRecords:
         self._sent.pop(key, None)
         return True
 
-    async def mark_sent(self, key: str, ttl_seconds: float) -> None:
+    async def mark_sent(self, key: str, ttl_seconds: float, settle_seconds: float) -> None:
         if len(self._sent) >= self._max:  # ids whose outcome is unstored: as many as records
             del self._sent[next(iter(self._sent))]
         self._sent.pop(key, None)
-        self._sent[key] = self._clock()
+        self._sent[key] = (self._clock(), settle_seconds)
 
-    async def sent_ago(self, key: str) -> float | None:
+    async def sent_ago(self, key: str) -> SentMark | None:
         sent = self._sent.get(key)
-        return None if sent is None else max(self._clock() - sent, 0.0)
+        if sent is None:
+            return None
+        return SentMark(max(self._clock() - sent[0], 0.0), sent[1])
 
     async def release(self, key: str, owner: str) -> None:
         existing = self._live(key)

@@ -46,7 +46,7 @@ from . import observability as obs
 from .config import ConfigError, Settings
 from .credentials import Credentials
 from .errors import SharedStateUnavailable
-from .idempotency import Record
+from .idempotency import Record, SentMark
 from .ratelimit import Gcra, RateLimiter, Unlimited
 
 log = logging.getLogger("flexwebchat.shared")
@@ -171,11 +171,15 @@ end
 return 0
 """
 )
-# The sent mark holds Redis's TIME, in seconds, when a create may have left: every replica reads
-# its age against the same clock. SENT_AGO returns that age in microseconds, -1 when there is no
-# mark. A mark that is no number, of another type, negative or later than now (nan, inf) is
-# read as "sent just now" and rewritten as such with an expiry (ARGV[1] ms), so that it delays
-# the id by one settle time at most, never for good.
+# The sent mark holds Redis's TIME, in seconds, when a create may have left, and how long its
+# sender's request can stay in flight from then (ARGV[2], seconds): every replica reads the age
+# against the same clock and waits the sender's window, never its own (replicas may run different
+# attempt timeouts during a rolling change). SENT_AGO returns {age in microseconds, window in
+# microseconds or -1 when the mark has none (written without one: the reader's own applies)};
+# {-1, -1} when there is no mark. A mark that is no number, of another type, negative or later
+# than now (nan, inf), or whose window is no number, negative or longer than the mark lives, is
+# read as "sent just now" with no window, and rewritten as such with an expiry (ARGV[1] ms), so
+# that it delays the id by one settle time at most, never for good.
 NOW = """
 local t = redis.call('TIME')
 local stamp = string.format('%d.%06d', tonumber(t[1]), tonumber(t[2]))
@@ -183,7 +187,7 @@ local stamp = string.format('%d.%06d', tonumber(t[1]), tonumber(t[2]))
 MARK_SENT = (
     NOW
     + """
-redis.call('SET', KEYS[1], stamp, 'PX', ARGV[1])
+redis.call('SET', KEYS[1], stamp .. ' ' .. ARGV[2], 'PX', ARGV[1])
 return 1
 """
 )
@@ -191,12 +195,25 @@ SENT_AGO = (
     NOW
     + """
 local raw = redis.pcall('GET', KEYS[1])
-if raw == false then return -1 end
+if raw == false then return {-1, -1} end
 local now = tonumber(stamp)
-local sent = type(raw) == 'string' and tonumber(raw) or nil
-if sent and sent >= 0 and sent <= now then return math.floor((now - sent) * 1000000) end
+local sent, window = nil, -1
+if type(raw) == 'string' then
+  local at, settle = string.match(raw, '^(%S+) (%S+)$')
+  if at then
+    sent, window = tonumber(at), tonumber(settle)
+    if not window or window ~= window or window < 0 or window * 1000 > tonumber(ARGV[1]) then
+      sent = nil
+    else
+      window = math.floor(window * 1000000)
+    end
+  else
+    sent = tonumber(raw)
+  end
+end
+if sent and sent >= 0 and sent <= now then return {math.floor((now - sent) * 1000000), window} end
 redis.call('SET', KEYS[1], stamp, 'PX', ARGV[1])
-return 0
+return {0, -1}
 """
 )
 RELEASE = (
@@ -475,21 +492,27 @@ class RedisRecords:
     def _sent_key(self, key: str) -> str:
         return f"{self._prefix}:sent:{key}"
 
-    async def mark_sent(self, key: str, ttl_seconds: float) -> None:
+    async def mark_sent(self, key: str, ttl_seconds: float, settle_seconds: float) -> None:
+        args: list[int | str] = [_ms(ttl_seconds), f"{settle_seconds:.6f}"]
         try:
-            await self._mark_sent(keys=[self._sent_key(key)], args=[_ms(ttl_seconds)])
+            await self._mark_sent(keys=[self._sent_key(key)], args=args)
         except RedisError as exc:
             raise _unavailable(exc) from None
 
-    async def sent_ago(self, key: str) -> float | None:
+    async def sent_ago(self, key: str) -> SentMark | None:
         """Untrusted: see SENT_AGO for what an unreadable mark reads as."""
         try:
-            age_us = int(
-                await self._sent_ago(keys=[self._sent_key(key)], args=[_ms(self._mark_ttl)])
+            age_us, settle_us = (
+                int(value)
+                for value in await self._sent_ago(
+                    keys=[self._sent_key(key)], args=[_ms(self._mark_ttl)]
+                )
             )
         except RedisError as exc:
             raise _unavailable(exc) from None
-        return None if age_us < 0 else age_us / 1e6
+        if age_us < 0:
+            return None
+        return SentMark(age_us / 1e6, None if settle_us < 0 else settle_us / 1e6)
 
     async def release(self, key: str, owner: str) -> None:
         await self._run(self._release, key, owner)

@@ -256,3 +256,26 @@ def test_a_redis_that_may_evict_records_is_named_at_start(
     else:
         assert [line["level"] for line in said] == ["warning"]
         assert said[0]["maxmemory_policy"] == policy and "noeviction" in said[0]["msg"]
+
+
+def test_a_retry_waits_the_senders_settle_window_not_its_own(
+    make_facade: Any, upstream: EmulatorProcess, redis_server: RedisProcess
+) -> None:
+    # A rolling config change: the sender gives Twilio 1.5 s an attempt, the retrying replica
+    # 0.5 s. The create lands after 2.2 s, after its sender's attempt has timed out but within
+    # the sender's settle window; the retry's own window (1 s) has passed by then.
+    env = {**guest_env(upstream.url), **FAST, "REDIS_URL": redis_server.url}
+    sender = make_facade(upstream.url, **{**env, "FLEX_ATTEMPT_TIMEOUT_SECONDS": "1.5"})
+    retrier = make_facade(upstream.url, **env)
+    upstream.fault({"path": CREATE, "latency": 2.2})
+    request_id = str(uuid.uuid4())
+    with pytest.raises(grpc.RpcError) as gave_up:
+        sender.create(request_id=request_id, timeout=0.4)
+    assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Waits for the sender to give the id up, finds nothing yet, and must wait for it to settle.
+    reply = retrier.create(request_id=request_id, timeout=10)
+    for _ in range(100):  # until the first create has landed too
+        if all(r["status"] for r in upstream.requests()):
+            break
+        time.sleep(0.05)
+    assert upstream.conversations() == {reply.conversation_sid: reply.identity}
