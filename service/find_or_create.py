@@ -13,8 +13,9 @@ the guest's conversations in the Flex conversations service
   rotation is also looked up under the identity the previous secret gave it.
 * Not found: re-sending is safe once no earlier request can still be in flight at Twilio. The
   facade gives up on an answer after the attempt timeout, but Twilio may go on working on the
-  request; so it waits until twice the attempt timeout has passed since the send, looks again,
-  and only then re-sends. When the deadline cannot wait that long, the call fails UNAVAILABLE with a
+  request; so it waits until twice the attempt timeout, plus the longest an attempt may wait
+  for a connection slot and connect, has passed since the send, looks again, and only then
+  re-sends. When the deadline cannot wait that long, the call fails UNAVAILABLE with a
   RetryInfo saying when a retry can settle it.
 
 Just before each create request may leave, the id is marked in the records (``mark_sent``), so
@@ -50,7 +51,7 @@ from .flex import FlexClient, WebChat
 from .idempotency import RecordBackend
 from .identities import FACADE_IDENTITY_PREFIX
 from .params import WebChatParams
-from .upstream import is_ambiguous
+from .upstream import is_ambiguous, longest_wait_before_writing
 
 log = logging.getLogger("flexwebchat.find_or_create")
 
@@ -131,8 +132,15 @@ class FindOrCreate:
         raise last_error
 
     def settle_seconds(self) -> float:
-        """How long after this replica marks a create as sent Twilio may still create it."""
-        return SETTLE_TIMEOUTS * self._settings.attempt_timeout
+        """How long after this replica marks a create as sent Twilio may still create it. The
+        mark is written before the attempt waits for a connection slot and connects, so the
+        window also covers the longest those waits can take. Adding that bound, rather than
+        marking again once a connection is in hand, costs no extra Redis write per create and no
+        hook inside the transport; its price, a longer window, is paid only after an ambiguous
+        failure."""
+        return SETTLE_TIMEOUTS * self._settings.attempt_timeout + longest_wait_before_writing(
+            self._settings
+        )
 
     async def _recover(self, identities: list[str], deadline: Deadline) -> WebChat | None:
         """The chat of an id that has neither record nor sent mark. Their absence proves nothing

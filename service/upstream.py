@@ -96,13 +96,25 @@ def new_http_client(
     return CookielessClient(
         auth=CurrentCredential(credentials or Credentials(settings)),
         headers={"User-Agent": USER_AGENT},
-        timeout=httpx.Timeout(settings.attempt_timeout, connect=min(settings.attempt_timeout, 5)),
+        timeout=attempt_timeouts(settings),
         transport=AiohttpTransport(
             limits=httpx.Limits(max_connections=settings.upstream_max_connections)
         ),
         follow_redirects=False,
         trust_env=False,
     )
+
+
+def attempt_timeouts(settings: Settings) -> httpx.Timeout:
+    """An attempt's timeouts: waiting for a connection slot (pool), connecting, writing, reading."""
+    return httpx.Timeout(settings.attempt_timeout, connect=min(settings.attempt_timeout, 5))
+
+
+def longest_wait_before_writing(settings: Settings) -> float:
+    """How long after ``before_send`` an attempt may still be waiting for a connection slot and
+    connecting, before its request can be written at all."""
+    timeouts = attempt_timeouts(settings)
+    return (timeouts.pool or 0.0) + (timeouts.connect or 0.0)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -279,3 +280,36 @@ def test_a_retry_waits_the_senders_settle_window_not_its_own(
             break
         time.sleep(0.05)
     assert upstream.conversations() == {reply.conversation_sid: reply.identity}
+
+
+def test_the_settle_window_covers_the_wait_for_a_connection(
+    make_facade: Any, upstream: EmulatorProcess, redis_server: RedisProcess
+) -> None:
+    # One connection to Twilio per replica, 1 s attempts. The create is marked sent, then waits
+    # 0.8 s for the connection another call holds; Twilio creates it 1.9 s after it was written
+    # (within two attempt timeouts of that), 2.7 s after the mark.
+    sender, retrier = two_replicas(make_facade, upstream, redis_server, **SLOW_POOL)
+    upstream.fault(
+        {"path": LOOKUP, "latency": 0.3},  # the sender's look before its create holds the slot
+        {"path": CREATE, "latency": 0.8},  # the other call's create, which queued first
+        {"path": CREATE, "latency": 1.9},
+    )
+    request_id = str(uuid.uuid4())
+    with ThreadPoolExecutor(2) as pool:
+        gave_up = pool.submit(sender.create, request_id=request_id, timeout=0.6)
+        time.sleep(0.1)
+        other = pool.submit(sender.create, timeout=5)
+        with pytest.raises(grpc.RpcError) as caught:
+            gave_up.result()
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # Waits for the sender to give the id up, finds nothing yet, waits for it to settle.
+        reply = retrier.create(request_id=request_id, timeout=10)
+        other_sid = other.result().conversation_sid
+    for _ in range(100):  # until the first create has landed too
+        if all(r["status"] for r in upstream.requests()):
+            break
+        time.sleep(0.05)
+    assert upstream.conversations().keys() - {other_sid} == {reply.conversation_sid}
+
+
+SLOW_POOL = {"FLEX_MAX_CONNECTIONS": "1", "FLEX_ATTEMPT_TIMEOUT_SECONDS": "1"}
