@@ -23,6 +23,7 @@ from .flex import CONVERSATION_SID, WebChat
 from .upstream import TwilioHttp, UpstreamRequest, json_object
 
 MESSAGE_SID = re.compile(r"IM[0-9a-fA-F]{32}")
+TWILIO_NOT_FOUND = 20404  # the code of Twilio's own 404 body
 CONVERSATION_STATES = frozenset({"active", "inactive", "closed"})
 
 
@@ -34,7 +35,7 @@ class ConversationsClient:
 
     async def find_conversation(self, identity: str, deadline: Deadline) -> WebChat | None:
         """A conversation the guest ``identity`` is in (with its creation time when Twilio says),
-        or None when Twilio knows no such guest (404) or the guest is in none. A GET: every
+        or None when Twilio knows no such guest (its 404) or the guest is in none. A GET: every
         failure class may be retried. UnusableRead when the answer says neither: unknown is
         never "not found", which would let a second chat be created."""
         listed = await self._user_conversations(identity, deadline)
@@ -72,7 +73,8 @@ class ConversationsClient:
 
     async def _user_conversations(self, identity: str, deadline: Deadline) -> list[Any] | None:
         """The guest's entries of ``GET /v1/Services/{IS}/Users/{identity}/Conversations``:
-        empty when Twilio knows no such guest (404), None when the answer has no list."""
+        empty when Twilio knows no such guest (its 404, code 20404), None when the answer has no
+        list; UnusableRead for a 404 that is not Twilio's."""
         request = UpstreamRequest(
             "user_conversations",
             f"{self._base}/v1/Services/{self._service_sid}/Users/"
@@ -83,9 +85,13 @@ class ConversationsClient:
         try:
             response = await self._twilio.send(request, deadline, retry_ambiguous=True)
         except UpstreamError as exc:
-            if exc.http_status == 404:
-                return []
-            raise
+            if exc.http_status != 404:
+                raise
+            # Only Twilio's own 404 says "no such guest"; another (a proxy's or gateway's page)
+            # says nothing about the guest, and reading it as "not found" would create again.
+            if exc.twilio_code != TWILIO_NOT_FOUND:
+                raise UnusableRead("a 404 that is not Twilio's (no code 20404)") from None
+            return []
         listed = (json_object(response) or {}).get("conversations")
         return listed if isinstance(listed, list) else None
 

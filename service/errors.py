@@ -90,8 +90,9 @@ class UpstreamBadResponse(FacadeError):
 
 
 class UnusableRead(FacadeError):
-    """A read from Twilio answered 2xx with a body that does not say what was asked. Nothing was
-    changed by it, so a retry is safe (unlike a create's unusable answer)."""
+    """A read from Twilio answered with a body that does not say what was asked (a 2xx without
+    it, a 404 that is not Twilio's). Nothing was changed by it, so a retry is safe (unlike a
+    create's unusable answer)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"Twilio answered with an unusable body: {reason}; retry")

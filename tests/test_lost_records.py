@@ -144,19 +144,32 @@ def test_an_answer_lost_to_the_callers_deadline_then_flushed_is_found(
 
 
 @pytest.mark.parametrize(
-    "body",
+    ("status", "body"),
     [
-        "not json",
-        "{}",
-        '{"conversations": "none"}',
-        '{"conversations": [{"chat_service_sid": "IS00000000000000000000000000000000"}]}',
+        (200, "not json"),
+        (200, "{}"),
+        (200, '{"conversations": "none"}'),
+        (200, '{"conversations": [{"chat_service_sid": "IS00000000000000000000000000000000"}]}'),
+        (404, "<html><body><h1>404 gateway: not found</h1></body></html>"),
+        (404, '{"message": "no route"}'),
     ],
-    ids=["not json", "no conversations", "not a list", "no conversation_sid"],
+    ids=[
+        "not json",
+        "no conversations",
+        "not a list",
+        "no conversation_sid",
+        "a proxy's html 404",
+        "a 404 without twilio's code",
+    ],
 )
 def test_an_unusable_lookup_answer_is_unknown_never_not_found(
-    replicas: list[FacadeProcess], upstream: EmulatorProcess, redis_server: RedisProcess, body: str
+    replicas: list[FacadeProcess],
+    upstream: EmulatorProcess,
+    redis_server: RedisProcess,
+    status: int,
+    body: str,
 ) -> None:
-    unusable = {"path": LOOKUP, "status": 200, "body": body}
+    unusable = {"path": LOOKUP, "status": status, "body": body}
     # The create lands but its answer is lost; the lookups that follow answer unusably.
     upstream.fault(
         {"path": CREATE, "status": 502, "after": True}, {"path": LOOKUP}, unusable, unusable
