@@ -326,3 +326,18 @@ def test_the_settle_window_covers_the_wait_for_a_connection(
 
 
 SLOW_POOL = {"FLEX_MAX_CONNECTIONS": "1", "FLEX_ATTEMPT_TIMEOUT_SECONDS": "1"}
+
+
+def test_a_mark_without_a_window_is_read_with_the_readers_own(
+    replicas: list[FacadeProcess], upstream: EmulatorProcess, redis_server: RedisProcess
+) -> None:
+    # An older facade's mark: Redis's time alone, here 30 s ago, longer than any window here.
+    client = redis.Redis(port=redis_server.port)
+    seconds, micros = client.time()
+    request_id = str(uuid.uuid4())
+    client.set(record_key(request_id, "sent"), f"{seconds - 30}.{micros:06d}", ex=60)
+    reply = replicas[0].create(request_id=request_id, timeout=5)
+    assert upstream.conversations() == {reply.conversation_sid: reply.identity}
+    paths = [r["path"] for r in upstream.requests()]
+    # Settled long ago: looked once and created, without waiting to look again.
+    assert paths.count(CREATE) == 1 and sum("/Users/" in p for p in paths) == 1
